@@ -1,0 +1,14 @@
+"""SafeDIG's ComfyUI nodes: a thin layer over `safedig_core`."""
+from .api import ComfyExtension, io
+from .apply_steering import SafeDIGApplySteering
+from .load_dictionary import SafeDIGLoadDictionary, register_folder
+
+NODES: list[type[io.ComfyNode]] = [SafeDIGLoadDictionary, SafeDIGApplySteering]
+
+
+class SafeDIGExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+__all__ = ["NODES", "SafeDIGExtension", "register_folder"]

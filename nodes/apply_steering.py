@@ -1,0 +1,66 @@
+"""SafeDIG Apply Steering: a clone of the MODEL whose routed DiT blocks steer through the dictionary."""
+from __future__ import annotations
+
+import comfy.patcher_extension
+
+from ..safedig_core import comfy_patch
+from ..safedig_core.comfyui import layout_of
+from ..safedig_core.positions import parse_list
+from ..safedig_core.steering import APPLY_TO, SteeringConfig
+from .api import CATEGORY, DICTIONARY, io
+
+
+def apply(model, loaded, cfg: SteeringConfig, positions: str = "all"):
+    """Clone `model` and install the steering patches; the input model is left untouched."""
+    d = loaded.dictionary
+    layout = layout_of(model.get_model_object("diffusion_model"))
+    chosen = parse_list(positions, d.positions)
+    d.check_layout(layout, chosen, source=f"safety dictionary {loaded.name}")
+    m = model.clone()
+    existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    comfy_patch.install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot),
+                        existing.get, loaded.store, chosen, cfg)
+    wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    if layout.family == "flux" and not m.get_wrappers(wrappers, comfy_patch.WRAPPER_KEY):
+        m.add_wrapper_with_key(wrappers, comfy_patch.WRAPPER_KEY, comfy_patch.record_token_layout)
+    return m
+
+
+class SafeDIGApplySteering(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SafeDIGApplySteering",
+            display_name="SafeDIG Apply Steering",
+            category=CATEGORY,
+            description="Steer a FLUX or SD3 model away from unsafe content: Blend moves gated tokens toward the "
+                        "dictionary's safe reconstruction, Repel pushes them off the harmful sparse directions.",
+            inputs=[
+                io.Model.Input("model"),
+                DICTIONARY.Input("dictionary"),
+                io.Float.Input("blend", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="α: how far gated tokens move toward the safe reconstruction"),
+                io.Float.Input("repel", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="β: how far gated tokens move against their harmful directions (>1 overshoots)"),
+                io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="τ: steer only tokens whose harmful mass exceeds this"),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the window, as a fraction of the sampler's steps"),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the window (exclusive; 1.0 includes the last step)"),
+                io.Combo.Input("apply_to", options=list(APPLY_TO), default="both",
+                               tooltip="Which batch halves to steer: the prompt (cond), the negative (uncond) or both"),
+                io.String.Input("positions", default="all",
+                                tooltip="'all' or a comma list of the dictionary's positions, e.g. double.7.img, single.12.img"),
+                io.Boolean.Input("preserve_norm", default=False,
+                                 tooltip="Rescale each steered token to its original norm"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, dictionary, blend, repel, threshold, start_percent, end_percent, apply_to,
+                positions, preserve_norm) -> io.NodeOutput:
+        cfg = SteeringConfig(blend=blend, repel=repel, threshold=threshold, start=start_percent,
+                             end=end_percent, apply_to=apply_to, preserve_norm=preserve_norm)
+        return io.NodeOutput(apply(model, dictionary, cfg, positions))

@@ -1,0 +1,62 @@
+"""SafeDIG Load Dictionary: a safety dictionary file from `models/sae/` onto a SAFEDIG_DICTIONARY socket."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import folder_paths
+
+from ..safedig_core import dictionary
+from ..safedig_core.comfy_patch import SteeringStore
+from .api import CATEGORY, DICTIONARY, io
+
+FOLDER = "sae"
+
+
+def register_folder() -> None:
+    """`models/sae/` plus any `sae:` entries of extra_model_paths.yaml, safetensors files only."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
+
+
+@dataclass
+class LoadedDictionary:
+    """What travels on the SAFEDIG_DICTIONARY socket: the file's content and its shared SAE store."""
+    name: str
+    dictionary: dictionary.SafetyDictionary
+    store: SteeringStore
+
+    @classmethod
+    def from_file(cls, path: str, name: str | None = None) -> "LoadedDictionary":
+        d = dictionary.load(path)
+        store = SteeringStore({p: e.steerer() for p, e in d.entries.items()})
+        return cls(name or os.path.basename(path), d, store)
+
+
+class SafeDIGLoadDictionary(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SafeDIGLoadDictionary",
+            display_name="SafeDIG Load Dictionary",
+            category=CATEGORY,
+            description="Load a SafeDIG safety dictionary (one sparse autoencoder per DiT position, with its "
+                        "harmful latents) from models/sae/.",
+            inputs=[io.Combo.Input("dictionary_name", options=folder_paths.get_filename_list(FOLDER),
+                                   tooltip="A .safetensors safety dictionary in models/sae/")],
+            outputs=[DICTIONARY.Output(display_name="dictionary")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, dictionary_name):
+        path = folder_paths.get_full_path(FOLDER, dictionary_name)
+        return os.path.getmtime(path) if path else dictionary_name  # reload when the file changes
+
+    @classmethod
+    def execute(cls, dictionary_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, dictionary_name)
+        if path is None:
+            raise FileNotFoundError(f"safety dictionary {dictionary_name!r} is not in models/{FOLDER}/ "
+                                    f"(searched: {', '.join(folder_paths.get_folder_paths(FOLDER))})")
+        return io.NodeOutput(LoadedDictionary.from_file(path, dictionary_name))

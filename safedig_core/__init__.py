@@ -1,0 +1,1 @@
+"""SafeDIG core: positions, safety dictionaries and steering maths, usable without ComfyUI."""

@@ -1,0 +1,6 @@
+"""Allow `python -m safedig_core ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

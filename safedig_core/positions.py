@@ -1,0 +1,127 @@
+"""Intervention positions: the one place that knows position names, their functional groups,
+which block slot serves them, and whether a model has them.
+
+A position is the output of one DiT block for one token stream, named by a stable string:
+FLUX `double.{i}.img|txt`, `single.{j}.img|txt`; SD3 MMDiT `joint.{i}.img|txt`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FAMILIES = {"flux": ("double", "single"), "sd3": ("joint",)}
+STREAMS = ("img", "txt")
+GROUPS = ("text_binding", "visual_binding", "rendering")
+
+_NAME = re.compile(r"^(double|single|joint)\.(\d+)\.(img|txt)$")
+
+
+class PositionError(ValueError):
+    """A position name that is malformed, of the wrong family, or absent from the model."""
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    kind: str  # "double", "single" or "joint"
+    index: int
+    stream: str  # "img" or "txt"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.index}.{self.stream}"
+
+    @property
+    def family(self) -> str:
+        return "sd3" if self.kind == "joint" else "flux"
+
+    @property
+    def slot(self) -> tuple[str, int]:
+        """The (block_name, index) key of ComfyUI's `patches_replace["dit"]` that serves this position.
+        MMDiT joint blocks are registered as "double_block" by ComfyUI."""
+        return ("single_block" if self.kind == "single" else "double_block", self.index)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse(name: str) -> Position:
+    m = _NAME.match(name.strip())
+    if not m:
+        raise PositionError(
+            f"bad position name {name!r}: expected double.<i>.img|txt or single.<j>.img|txt (FLUX) "
+            "or joint.<i>.img|txt (SD3)")
+    return Position(m.group(1), int(m.group(2)), m.group(3))
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Block counts and widths of one DiT, as the hooks see it."""
+    family: str
+    blocks: dict  # kind -> number of blocks
+    width: int
+    txt_width: int | None = None  # width of the text stream, when it differs (it never does in FLUX/SD3)
+    last_txt_absent: bool = False  # SD3: the last joint block is context-pre-only and outputs no text
+
+    def positions(self) -> list[Position]:
+        out = []
+        for kind in FAMILIES[self.family]:
+            for i in range(self.blocks.get(kind, 0)):
+                for stream in STREAMS:
+                    p = Position(kind, i, stream)
+                    if self.has(p):
+                        out.append(p)
+        return out
+
+    def has(self, p: Position) -> bool:
+        if p.family != self.family or not 0 <= p.index < self.blocks.get(p.kind, 0):
+            return False
+        return not (self.last_txt_absent and p.stream == "txt" and p.index == self.blocks[p.kind] - 1)
+
+    def width_of(self, p: Position) -> int:
+        return self.txt_width if (p.stream == "txt" and self.txt_width) else self.width
+
+    def check(self, p: Position) -> None:
+        if p.family != self.family:
+            raise PositionError(f"position {p} belongs to {p.family.upper()}, but the model is {self.family.upper()}")
+        n = self.blocks.get(p.kind, 0)
+        if not 0 <= p.index < n:
+            raise PositionError(f"position {p}: the model has {n} {p.kind} blocks (indices 0..{n - 1})")
+        if not self.has(p):
+            raise PositionError(f"position {p}: the last joint block outputs no text stream (context pre-only)")
+
+
+def parse_list(spec: str, available: list[Position]) -> list[Position]:
+    """`all` or a comma list of names; every name must be among `available` (e.g. a dictionary's positions)."""
+    if spec.strip().lower() in ("", "all"):
+        return list(available)
+    chosen = []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        p = parse(part)
+        if p not in available:
+            names = ", ".join(str(a) for a in available) or "none"
+            raise PositionError(f"position {p} was asked for but is not in the dictionary (it has: {names})")
+        if p not in chosen:
+            chosen.append(p)
+    return chosen
+
+
+def group(p: Position, layout: ModelLayout | None = None) -> str:
+    """Functional group: text streams bind text; double/early-middle joint image streams bind visual
+    content; single blocks and the last third of joint blocks render."""
+    if p.stream == "txt":
+        return "text_binding"
+    if p.kind == "single":
+        return "rendering"
+    if p.kind == "joint" and layout is not None and p.index >= (2 * layout.blocks["joint"]) // 3:
+        return "rendering"
+    return "visual_binding"
+
+
+def depth(p: Position, layout: ModelLayout) -> float:
+    """Relative depth in [0, 1] across the whole stack (FLUX single blocks follow the double ones)."""
+    order = FAMILIES[layout.family]
+    total = sum(layout.blocks.get(k, 0) for k in order)
+    before = sum(layout.blocks.get(k, 0) for k in order[: order.index(p.kind)])
+    return (before + p.index) / max(total - 1, 1)

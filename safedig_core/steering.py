@@ -1,0 +1,234 @@
+"""Blend and Repel: the steering maths, in exactly one place, for every adapter (ComfyUI, diffusers).
+
+Per token x (one row), with code z = E(x) and harmful latents H:
+- gate: act only where the harmful mass g = Σ_{j∈H} z_j exceeds τ, inside the sampler window, on the
+  chosen batch halves; every other token is returned bit for bit;
+- Blend (α): move toward x_safe = D(z_safe) + (x − D(z)), where z_safe replaces the active harmful codes
+  by their safe values. The replacement c is solved so that re-encoding x_safe puts the active harmful
+  pre-activations exactly at their safe values (G_AA c = s_A − z_A, G = W_enc[H] W_dec[H]ᵀ), which is
+  the plain ablation when encoder and decoder are biorthogonal and stays exact when they are not;
+- Repel (β): x' = x − β Σ_{j∈H} z_j d_j, away from the harmful decoder directions (β > 1 overshoots).
+Both act on the scaled activation space of the SAE and touch only the active harmful decoder rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .sae import SparseAutoencoder
+
+APPLY_TO = ("both", "cond", "uncond")
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    blend: float = 0.0  # α in [0, 1]
+    repel: float = 0.0  # β ≥ 0
+    threshold: float = 0.0  # τ on the harmful mass
+    start: float = 0.0  # sampler window, fractions of the schedule: [start, end)
+    end: float = 1.0
+    apply_to: str = "both"
+    preserve_norm: bool = False
+    blend_passes: int = 3  # Blend re-encodes at most this many times in all (see PositionSteerer._blend_shift)
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.blend <= 1.0:
+            problems.append(f"blend={self.blend} must be in [0, 1]")
+        if self.repel < 0:
+            problems.append(f"repel={self.repel} must be ≥ 0")
+        if self.threshold < 0:
+            problems.append(f"threshold={self.threshold} must be ≥ 0")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            problems.append(f"window start={self.start}, end={self.end} must satisfy 0 ≤ start ≤ end ≤ 1")
+        if self.blend_passes < 1:
+            problems.append(f"blend_passes={self.blend_passes} must be ≥ 1")
+        if self.apply_to not in APPLY_TO:
+            problems.append(f"apply_to={self.apply_to!r} must be one of {', '.join(APPLY_TO)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.blend == 0.0 and self.repel == 0.0
+
+    def with_(self, **changes) -> "SteeringConfig":
+        return replace(self, **changes)
+
+
+def schedule_progress(sigma: Tensor | float | None, sample_sigmas: Tensor | None) -> float | None:
+    """Fraction of the sampler schedule reached at `sigma`: step i of n gives i/n. Intermediate sigmas
+    of multi-evaluation samplers count as the step they belong to. None when the schedule is unknown."""
+    if sigma is None or sample_sigmas is None or len(sample_sigmas) < 2:
+        return None
+    s = float(sigma.max() if isinstance(sigma, Tensor) else sigma)
+    sched = sample_sigmas.detach().float().cpu()
+    n = len(sched) - 1
+    i = int((sched[:-1] >= s * (1 - 1e-5)).sum()) - 1
+    return min(max(i, 0), n - 1) / n
+
+
+def in_window(progress: float | None, cfg: SteeringConfig) -> bool:
+    if progress is None:  # no schedule known (a bare forward call): the window cannot exclude it
+        return True
+    return cfg.start <= progress < cfg.end or (cfg.end >= 1.0 and progress >= cfg.start)
+
+
+def half_rows(batch: int, cond_or_uncond: list | None, apply_to: str) -> Tensor | None:
+    """Boolean mask over the batch of the rows to steer (None: all). ComfyUI stacks equal chunks,
+    one per entry of `cond_or_uncond` (0 = cond, 1 = uncond)."""
+    if apply_to == "both":
+        return None
+    if not cond_or_uncond:
+        raise ValueError(f"apply_to={apply_to!r} needs to know which batch rows are cond and uncond, "
+                         "and this model call does not say (no cond_or_uncond)")
+    chunks = len(cond_or_uncond)
+    if batch % chunks:
+        raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
+    want = 0 if apply_to == "cond" else 1
+    per = batch // chunks
+    return torch.tensor([c == want for c in cond_or_uncond]).repeat_interleave(per)
+
+
+class PositionSteerer:
+    """One position's SAE and harmful latents, with the derived tensors steering needs, cast once to the
+    model's device and dtype (`to`)."""
+
+    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, safe_values: Tensor | None = None):
+        self.sae = sae.requires_grad_(False)  # master weights, as loaded
+        self.harmful = harmful.long()
+        h = len(self.harmful)
+        self.safe_values = torch.zeros(h) if safe_values is None else safe_values.float()
+        self._cache: dict = {}
+
+    @property
+    def width(self) -> int:
+        return self.sae.d
+
+    def to(self, device=None, dtype=None) -> "PositionSteerer":
+        """Prepare the working copy for `device`/`dtype` ahead of the first call (the master weights,
+        as loaded, stay where they are, so a round trip through a low precision loses nothing)."""
+        w = self.sae.W_enc
+        self._derived(torch.device(device) if device is not None else w.device, dtype or w.dtype)
+        return self
+
+    def _derived(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache.clear()  # one working copy at a time: the model runs on one device and dtype
+            master = self.sae
+            H = self.harmful.to(master.W_dec.device)
+            D_H = master.W_dec[H].to(device, torch.float32)
+            sae = master
+            if master.W_enc.device != device or master.W_enc.dtype != dtype:
+                # The working copy needs only the encoder side: decoding touches the harmful rows alone.
+                sae = SparseAutoencoder(master.d, master.latents, master.k, master.activation)
+                state = {k: v for k, v in master.state_dict().items() if k != "W_dec"}
+                sae.W_dec = torch.nn.Parameter(torch.empty(0, master.d), requires_grad=False)
+                sae.load_state_dict(state, strict=False)
+                sae = sae.to(device=device, dtype=dtype).requires_grad_(False)
+            H = H.to(device)
+            lookup = torch.full((sae.latents,), -1, dtype=torch.long, device=device)
+            lookup[H] = torch.arange(len(H), device=device)
+            gram = sae.W_enc[H].float() @ D_H.t()  # [h, h]: how pre-activation i moves along decoder row j
+            self._cache[key] = (sae, lookup, D_H, gram, self.safe_values.to(device))
+        return self._cache[key]
+
+    def harmful_codes(self, sae: SparseAutoencoder, xs: Tensor, lookup: Tensor) -> Tensor:
+        """Codes of the harmful latents [N, h] for scaled inputs [N, d]."""
+        h = len(self.harmful)
+        if sae.activation == "topk":
+            vals, idx = sae.encode_sparse(xs)
+            pos = lookup[idx]
+            hit = pos >= 0
+            out = torch.zeros(xs.shape[0], h + 1, dtype=vals.dtype, device=xs.device)
+            return out.scatter_(1, torch.where(hit, pos, h), torch.where(hit, vals, 0))[:, :h]
+        rows = self.harmful.to(xs.device)
+        return sae.activate(sae.pre_acts(xs, rows), rows)
+
+    def harmful_mass(self, x: Tensor) -> Tensor:
+        """g = Σ_{j∈H} z_j per row of unscaled x [..., d] → [...]."""
+        sae, lookup = self._derived(x.device, x.dtype)[:2]
+        flat = x.reshape(-1, x.shape[-1])
+        return self.harmful_codes(sae, flat * sae.scale, lookup).sum(-1).reshape(x.shape[:-1])
+
+    def steer(self, x: Tensor, cfg: SteeringConfig, rows: Tensor | None = None) -> Tensor:
+        """Steer tokens x [B, T, d] (or [N, d]); `rows` [B] masks the batch rows that may be steered.
+        Returns x itself when nothing is steered, else a new tensor equal to x outside steered tokens."""
+        if cfg.is_identity or len(self.harmful) == 0 or x.numel() == 0:
+            return x
+        if x.shape[-1] != self.width:
+            raise ValueError(f"activation width {x.shape[-1]} does not match the dictionary's {self.width}")
+        sae, lookup, D_H, gram, safe = self._derived(x.device, x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        if rows is not None:
+            per = flat.shape[0] // rows.shape[0]
+            cand = rows.to(x.device).repeat_interleave(per).nonzero().squeeze(1)
+            if cand.numel() == 0:
+                return x
+        else:
+            cand = None
+        sub = flat if cand is None else flat[cand]
+        scale = sae.scale
+        z_H = self.harmful_codes(sae, sub * scale, lookup)
+        gated = (z_H.sum(-1) > cfg.threshold).nonzero().squeeze(1)
+        if gated.numel() == 0:
+            return x
+        token = gated if cand is None else cand[gated]
+        old = flat[token]
+        z_H = z_H[gated].float()
+        delta = self._sum_rows(z_H, D_H, -cfg.repel) if cfg.repel else 0.0  # scaled space, [G, d]
+        if cfg.blend:
+            delta = delta + cfg.blend * self._blend_shift(sae, old * scale, z_H, lookup, D_H, gram, safe, cfg)
+        new = old + (delta / scale.float()).to(x.dtype)
+        if cfg.preserve_norm:
+            n_old = old.float().norm(dim=-1, keepdim=True)
+            n_new = new.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            new = (new.float() * (n_old / n_new)).to(x.dtype)
+        out = flat.clone()
+        out[token] = new
+        return out.reshape(x.shape)
+
+    def _blend_shift(self, sae, xs, z_H, lookup, D_H, gram, safe, cfg) -> Tensor:
+        """x_safe − x in scaled space. Removing some latents can let other harmful latents into the TopK
+        code; up to `blend_passes − 1` further passes re-encode and fix only the tokens where that happened."""
+        shift = self._solve(z_H, D_H, gram, safe)
+        for _ in range(cfg.blend_passes - 1):
+            again = self.harmful_codes(sae, (xs.float() + shift).to(xs.dtype), lookup).float()
+            left = (again > 0).any(-1).nonzero().squeeze(1)
+            if left.numel() == 0:
+                break
+            shift[left] += self._solve(again[left], D_H, gram, safe)
+        return shift
+
+    @staticmethod
+    def _compact(z_H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each token's active harmful latents moved to the front: (order, mask, values), all [G, a]."""
+        active = z_H > 0
+        a = max(int(active.sum(-1).max()), 1)
+        order = torch.argsort(active.to(torch.int8), dim=-1, descending=True, stable=True)[:, :a]
+        mask = active.gather(1, order)
+        return order, mask, z_H.gather(1, order) * mask
+
+    @classmethod
+    def _sum_rows(cls, z_H: Tensor, D_H: Tensor, weight: float) -> Tensor:
+        """weight · Σ_j z_j d_j over each token's active harmful latents only."""
+        order, _, vals = cls._compact(z_H)
+        return F.embedding_bag(order, D_H, per_sample_weights=weight * vals, mode="sum")
+
+    @classmethod
+    def _solve(cls, z_H: Tensor, D_H: Tensor, gram: Tensor, safe: Tensor) -> Tensor:
+        """Shift along the active harmful decoder rows that puts their pre-activations at the safe values."""
+        order, mask, vals = cls._compact(z_H)
+        a = order.shape[1]
+        g = gram[order.unsqueeze(-1), order.unsqueeze(-2)]  # [G, a, a]
+        both = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+        eye = torch.eye(a, device=g.device)
+        ridge = 1e-6 * gram.diagonal().abs().mean()
+        system = torch.where(both, g, 0) + eye * (~mask).unsqueeze(-1) + ridge * eye
+        rhs = (safe[order] - vals) * mask
+        c = torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1) * mask
+        return F.embedding_bag(order, D_H, per_sample_weights=c, mode="sum")
