@@ -1,29 +1,19 @@
 """SafeDIG Apply Steering: a clone of the MODEL whose routed DiT blocks steer through the dictionary."""
 from __future__ import annotations
 
-import comfy.patcher_extension
-
-from ..safedig_core import comfy_patch
-from ..safedig_core.comfyui import layout_of
+from ..safedig_core.comfyui import layout_of, steer_model
 from ..safedig_core.positions import parse_list
 from ..safedig_core.steering import APPLY_TO, SteeringConfig
 from .api import CATEGORY, DICTIONARY, io
 
 
 def apply(model, loaded, cfg: SteeringConfig, positions: str = "all"):
-    """Clone `model` and install the steering patches; the input model is left untouched."""
+    """Check the dictionary against the model, then clone it with the steering patches installed."""
     d = loaded.dictionary
     layout = layout_of(model.get_model_object("diffusion_model"))
     chosen = parse_list(positions, d.positions)
     d.check_layout(layout, chosen, source=f"safety dictionary {loaded.name}")
-    m = model.clone()
-    existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    comfy_patch.install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot),
-                        existing.get, loaded.store, chosen, cfg)
-    wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-    if layout.family == "flux" and not m.get_wrappers(wrappers, comfy_patch.WRAPPER_KEY):
-        m.add_wrapper_with_key(wrappers, comfy_patch.WRAPPER_KEY, comfy_patch.record_token_layout)
-    return m
+    return steer_model(model, loaded.store, chosen, cfg, layout)
 
 
 class SafeDIGApplySteering(io.ComfyNode):

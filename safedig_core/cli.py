@@ -20,12 +20,22 @@ def _inspect(args) -> None:
         print(dictionary.summary(dictionary.load(path), path))
 
 
+def _tiny_demo(args) -> None:
+    from . import tiny_demo
+
+    tiny_demo.run(args.out, args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedig", description="SafeDIG safety steering for text-to-image DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print a readable summary of safety dictionary files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")
+    p.add_argument("--out", default="out/tiny-demo", help="folder for the dictionary it writes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_tiny_demo)
     return parser
 
 

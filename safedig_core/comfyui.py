@@ -120,3 +120,20 @@ def sample(model, positive, negative, latent: torch.Tensor, seed: int = 0, steps
     out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
                                 {"samples": latent}, denoise=denoise, disable_noise=False)
     return out[0]["samples"]
+
+
+def steer_model(model, store, positions, cfg, layout=None):
+    """A clone of ModelPatcher `model` whose blocks at `positions` steer through `store`; the node and the
+    CLI both come here. The input model is left untouched."""
+    import comfy.patcher_extension
+
+    from .comfy_patch import WRAPPER_KEY, install, record_token_layout
+
+    layout = layout or layout_of(model.get_model_object("diffusion_model"))
+    m = model.clone()
+    existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot), existing.get, store, positions, cfg)
+    wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    if layout.family == "flux" and not m.get_wrappers(wrappers, WRAPPER_KEY):
+        m.add_wrapper_with_key(wrappers, WRAPPER_KEY, record_token_layout)
+    return m

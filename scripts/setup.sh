@@ -13,11 +13,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 stamp=$venv/.safedig-setup
-want=$(cat constraints.txt requirements-dev.txt pyproject.toml | sha1sum | cut -d' ' -f1)
+want=$(cat constraints.txt requirements-dev.txt requirements-lock.txt pyproject.toml | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch and the test/runtime packages into $venv"
   "${pip[@]}" install -c constraints.txt torch torchvision
-  "${pip[@]}" install -c constraints.txt -r requirements-dev.txt
+  "${pip[@]}" install -c constraints.txt -c requirements-lock.txt -r requirements-dev.txt
   "${pip[@]}" install -c constraints.txt --no-deps -e .
   echo "$want" > "$stamp"
 fi
