@@ -46,12 +46,10 @@ class BlockSteering:
     """The `patches_replace["dit"]` entry for one block: runs the block, then steers its streams."""
 
     def __init__(self, store: SteeringStore, positions: list[Position], cfg: SteeringConfig, previous=None):
-        kinds = {p.kind for p in positions}
         slots = {p.slot for p in positions}
         if len(slots) != 1:
             raise ValueError(f"one BlockSteering serves one block, got {sorted(map(str, positions))}")
         self.store, self.positions, self.cfg, self.previous = store, positions, cfg, previous
-        self.single = kinds == {"single"}
 
     def __call__(self, args: dict, extra: dict) -> dict:
         out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
@@ -59,25 +57,12 @@ class BlockSteering:
         if not in_window(schedule_progress(to.get("sigmas"), to.get("sample_sigmas")), self.cfg):
             return out
         out = dict(out)
-        if self.single:
-            out["img"] = self._steer_single(out["img"], to)
-        else:
-            for p in self.positions:
-                x = out.get(p.stream)
-                if x is None:  # MMDiT's last block returns no text
-                    continue
-                stop = x.shape[1]
-                if p.stream == "img" and TOKEN_LAYOUT in to:
-                    stop = min(stop, to[TOKEN_LAYOUT][1])  # reference-image tokens follow the image
-                out[p.stream] = self._steer_span(x, p, 0, stop, to)
-        return out
-
-    def _steer_single(self, x, to):
-        txt_len, img_len = token_layout(to, x.shape[1])
-        spans = {"txt": (0, txt_len), "img": (txt_len, txt_len + img_len)}
         for p in self.positions:
-            x = self._steer_span(x, p, *spans[p.stream], to)
-        return x
+            span = stream_span(p, out, to)
+            if span is not None:
+                key, start, stop = span
+                out[key] = self._steer_span(out[key], p, start, stop, to)
+        return out
 
     def _steer_span(self, x, p: Position, start: int, stop: int, to):
         if stop <= start:
@@ -108,6 +93,44 @@ class BlockSteering:
         return new
 
 
+class BlockRecorder:
+    """A `patches_replace["dit"]` entry that hands the block's routed streams to `record(position, x, to)`
+    (x: [B, tokens, d], image tokens without reference images) and returns the output unchanged."""
+
+    def __init__(self, record, positions: list[Position], previous=None):
+        self.record, self.positions, self.previous = record, positions, previous
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+        to = args.get("transformer_options") or {}
+        for p in self.positions:
+            span = stream_span(p, out, to)
+            if span is not None:
+                key, start, stop = span
+                self.record(p, out[key][:, start:stop], to)
+        return out
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        new.previous = copy.deepcopy(self.previous, memo)
+        return new
+
+
+def stream_span(p: Position, out: dict, to: dict):
+    """Where position `p` lies in a block's output: (key of `out`, first token, end token), or None
+    when the block has no such stream (MMDiT's last block returns no text)."""
+    if p.kind == "single":
+        txt_len, img_len = token_layout(to, out["img"].shape[1])
+        return ("img", 0, txt_len) if p.stream == "txt" else ("img", txt_len, txt_len + img_len)
+    x = out.get(p.stream)
+    if x is None:
+        return None
+    stop = x.shape[1]
+    if p.stream == "img" and TOKEN_LAYOUT in to:
+        stop = min(stop, to[TOKEN_LAYOUT][1])  # reference-image tokens follow the image
+    return (p.stream, 0, stop)
+
+
 def token_layout(to: dict, total: int) -> tuple[int, int]:
     """(text tokens, output image tokens) of a single-stream sequence of `total` tokens."""
     img_len = None
@@ -135,16 +158,16 @@ def record_token_layout(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def install(set_patch, get_patch, store: SteeringStore, positions: list[Position], cfg: SteeringConfig) -> list:
-    """Install one BlockSteering per block slot through the model patcher's own setters:
-    `get_patch(slot)` returns the patch already there (or None), `set_patch(patch, slot)` sets one.
-    Returns the installed patches."""
+def install(set_patch, get_patch, positions: list[Position], make) -> list:
+    """Install one patch per block slot through the model patcher's own setters: `get_patch(slot)` returns
+    the patch already there (or None), `set_patch(patch, slot)` sets one, `make(positions, previous)`
+    builds ours (a BlockSteering or a BlockRecorder). Returns the installed patches."""
     by_slot: dict = {}
     for p in positions:
         by_slot.setdefault(p.slot, []).append(p)
     installed = []
     for slot, ps in sorted(by_slot.items()):
-        patch = BlockSteering(store, ps, cfg, previous=get_patch(slot))
+        patch = make(ps, get_patch(slot))
         set_patch(patch, slot)
         installed.append(patch)
     return installed

@@ -122,9 +122,9 @@ def sample(model, positive, negative, latent: torch.Tensor, seed: int = 0, steps
     return out[0]["samples"]
 
 
-def steer_model(model, store, positions, cfg, layout=None):
-    """A clone of ModelPatcher `model` whose blocks at `positions` steer through `store`; the node and the
-    CLI both come here. The input model is left untouched."""
+def patched(model, positions, make, layout=None):
+    """A clone of ModelPatcher `model` with one patch per block of `positions` (see comfy_patch.install),
+    and, for FLUX, the wrapper that tells the patches where image tokens end. The input model is untouched."""
     import comfy.patcher_extension
 
     from .comfy_patch import WRAPPER_KEY, install, record_token_layout
@@ -132,8 +132,22 @@ def steer_model(model, store, positions, cfg, layout=None):
     layout = layout or layout_of(model.get_model_object("diffusion_model"))
     m = model.clone()
     existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot), existing.get, store, positions, cfg)
+    install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot), existing.get, positions, make)
     wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     if layout.family == "flux" and not m.get_wrappers(wrappers, WRAPPER_KEY):
         m.add_wrapper_with_key(wrappers, WRAPPER_KEY, record_token_layout)
     return m
+
+
+def steer_model(model, store, positions, cfg, layout=None):
+    """A clone of `model` that steers at `positions` through `store`; the node and the CLI both come here."""
+    from .comfy_patch import BlockSteering
+
+    return patched(model, positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev), layout)
+
+
+def recording_model(model, positions, record, layout=None):
+    """A clone of `model` that hands the streams at `positions` to `record(position, x, transformer_options)`."""
+    from .comfy_patch import BlockRecorder
+
+    return patched(model, positions, lambda ps, prev: BlockRecorder(record, ps, prev), layout)

@@ -23,25 +23,13 @@ POSITIONS = ("double.1.img", "single.0.img", "single.1.txt")
 
 
 def _record(model, names, cond, neg, seed):
-    """Block outputs at `names` for one sampling run, through a plain recording patch on a clone."""
+    """Block outputs at `names` (cond half) for one sampling run, through the collection recorder."""
     seen = {n: [] for n in names}
-    m = model.clone()
-    for n in names:
-        p = parse(n)
 
-        def rec(args, extra, p=p):
-            out = extra["original_block"](args)
-            x = out["img"]
-            if p.kind == "single":
-                t = args["transformer_options"]["safedig_demo_txt"]
-                x = x[:, :t] if p.stream == "txt" else x[:, t:]
-            elif p.stream == "txt":
-                x = out["txt"]
-            seen[p.name].append(x[:1].reshape(-1, x.shape[-1]).clone())  # the cond half
-            return out
+    def record(p, x, to):
+        seen[p.name].append(x[:1].reshape(-1, x.shape[-1]).clone())
 
-        m.set_model_patch_replace(rec, "dit", *p.slot)
-    m.model_options["transformer_options"]["safedig_demo_txt"] = cond[0][0].shape[1]
+    m = comfyui.recording_model(model, [parse(n) for n in names], record)
     comfyui.sample(m, cond, neg, torch.zeros(1, 16, 8, 8), seed=seed, steps=4)
     return {n: torch.cat(v) for n, v in seen.items()}
 
