@@ -11,7 +11,6 @@ Layout of the server's `--base-directory` (a temp folder; the ComfyUI tree is ne
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -165,18 +164,6 @@ def _prepare_base(base: str) -> dict:
     for name, (family, width, positions) in DICTIONARIES.items():
         save(make_dictionary(family, width, positions), os.path.join(base, "models", "sae", name))
     env = {}
-    if importlib.util.find_spec("requests") is None:
-        # ComfyUI's server.py imports `requests` (app/frontend_management.py, used only to download other
-        # frontend versions) although its requirements.txt does not list it. Where the environment lacks it,
-        # a stub that refuses every call stands in: the test server must never reach the network anyway.
-        stubs = os.path.join(base, "stubs")
-        os.makedirs(stubs)
-        with open(os.path.join(stubs, "requests.py"), "w") as f:
-            f.write('"""Stub for ComfyUI\'s server in SafeDIG tests: no network."""\n'
-                    "class RequestException(Exception):\n    pass\n\n"
-                    "def get(*args, **kwargs):\n"
-                    "    raise RequestException('network access is disabled in the SafeDIG test server')\n")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (stubs, os.environ.get("PYTHONPATH")) if p)
     return env
 
 
