@@ -4,7 +4,9 @@ Times, side by side on the CPU in one run: (a) one FLUX-width double-stream bloc
 `DoubleStreamBlock`, random weights) unsteered; (b) the same block followed by `PositionSteerer.steer`
 on its img output in a few configurations; (c) the SAE encoder product alone (`x @ W_enc.T`), the floor
 an exact method cannot beat since the gate needs every token's TopK code. It prints, per configuration,
-ratio = (steered − unsteered) / floor; the project's goal is ≤ 1.2. It also traces one steering call
+ratio = (steered − unsteered) / floor, the project's goal being ≤ 1.2; on a shared machine both are taken
+within each run (the steering part's own time, then the floor product right after it) and the ratio is
+the median over runs, so that other load shifts numerator and denominator alike. It also traces one steering call
 per configuration and checks that the decode is sparse: the only products over all latents are the
 encoder's, and the full decoder W_dec is never read.
 
@@ -24,9 +26,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safedig_core import comfyui  # noqa: E402
-from safedig_core.sae import SparseAutoencoder  # noqa: E402
-from safedig_core.steering import PositionSteerer, SteeringConfig  # noqa: E402
+from safedig_core import comfyui
+from safedig_core.sae import SparseAutoencoder
+from safedig_core.steering import PositionSteerer, SteeringConfig
 
 PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "mv", "dot", "_addmm_activation"}
 
@@ -94,16 +96,24 @@ def harmful_input(img: torch.Tensor, D_H: torch.Tensor, frac: float, g: torch.Ge
     return out
 
 
-def median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median wall time of each callable, the callables interleaved round-robin so drift hits all alike."""
-    times = {name: [] for name in fns}
-    for r in range(warmup + repeats):
+def segments(*steps) -> list[tuple[float, float]]:
+    """Run `steps` as a chain (each gets the previous one's result); each one's (wall, process CPU) seconds."""
+    out, times = None, []
+    for step in steps:
+        w, c = time.perf_counter(), time.process_time()
+        out = step(out)
+        times.append((time.perf_counter() - w, time.process_time() - c))
+    return times
+
+
+def medians(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Per callable, the median over `repeats` rounds of each number it returns (and all the rounds); the
+    callables run interleaved round-robin so that drift and other load on the machine hit all of them alike."""
+    runs = {name: [] for name in fns}
+    for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+            runs[name].append(fn())
+    return {name: [statistics.median(col) for col in zip(*v)] for name, v in runs.items()}, runs
 
 
 def main(argv=None):
@@ -112,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--latents", type=int, default=49152)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--harmful", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
     ap.add_argument("--json", metavar="PATH")
@@ -139,47 +149,55 @@ def main(argv=None):
     inputs = {"10%": harmful_input(img0, D_H, 0.10, g), "100%": harmful_input(img0, D_H, 1.0, g)}
     tau = 4.0  # above the natural top-k values of random tokens, below the written-in directions
     configs = {f"gate {gate}, {label}": (gate, SteeringConfig(threshold=tau, **kw))
-               for gate in inputs for label, kw in [("Repel", dict(repel=1.0)),
-                                                    ("Blend+Repel", dict(blend=1.0, repel=1.0))]}
+               for gate in inputs for label, kw in [("Repel", {"repel": 1.0}),
+                                                    ("Blend+Repel", {"blend": 1.0, "repel": 1.0})]}
 
-    def run_block(img):
+    def run_block(img):  # the block adds into its img and txt inputs in place: give it copies
         return block(img.clone(), txt.clone(), vec, pe)[0]
 
-    def run_steered(img, cfg):
-        return steerer.steer(run_block(img), cfg)
-
     W_enc, x_enc = sae.W_enc.detach(), torch.randn(a.tokens, hidden, generator=g)
-    with torch.inference_mode():
+    floor = lambda _: x_enc @ W_enc.T
+    with torch.inference_mode():  # the block runs and the traced steering calls below double as the warm-up
         gate_frac, sparse_ok, trace_lines = {}, True, []
+        floor(None)
+        outs = {gate: run_block(img) for gate, img in inputs.items()}
         for name, (gate, cfg) in configs.items():
-            out = run_block(inputs[gate])
-            gate_frac[name] = float((steerer.harmful_mass(out) > tau).float().mean())
-            trace = OpTrace(sae.W_enc, sae.W_dec, a.latents)
-            with trace:
-                steered = steerer.steer(out, cfg)
-            changed = float((steered != out).any(-1).float().mean())
+            gate_frac[name] = float((steerer.harmful_mass(outs[gate]) > tau).float().mean())
+            with OpTrace(sae.W_enc, sae.W_dec, a.latents) as trace:
+                steered = steerer.steer(outs[gate], cfg)
+            changed = float((steered != outs[gate]).any(-1).float().mean())
             sparse_ok &= not trace.bad and trace.encoder >= 1
-            trace_lines.append(f"  {name:<24} encoder products {trace.encoder}, decode bags over "
-                               f"{sorted(set(trace.bags))}, other dense products over {a.latents} latents: "
-                               f"{trace.bad or 'none'}; tokens changed {changed:.1%}")
-        fns = {"unsteered": lambda: run_block(inputs["10%"]), "floor": lambda: x_enc @ W_enc.T}
-        fns.update({name: (lambda gate=gate, cfg=cfg: run_steered(inputs[gate], cfg))
-                    for name, (gate, cfg) in configs.items()})
-        ms = median_ms(fns, a.repeats)
+            trace_lines.append(f"  {name:<24} encoder products {trace.encoder}, embedding bags over "
+                               f"{sorted(set(trace.bags))}, other products over all {a.latents} latents or reads of "
+                               f"W_dec: {trace.bad or 'none'}; tokens changed {changed:.1%}")
+        fns = {"unsteered": lambda: segments(lambda _: run_block(inputs["10%"]))[0]}
+        for name, (gate, cfg) in configs.items():  # block, steering, then the floor right after: paired per run
+            def run(gate=gate, cfg=cfg):
+                (block_s, _), (steer_s, steer_c), (floor_s, floor_c) = segments(
+                    lambda _: run_block(inputs[gate]), lambda out: steerer.steer(out, cfg), floor)
+                return block_s + steer_s, steer_s, floor_s, steer_s / floor_s, steer_c / floor_c
+            fns[name] = run
+        med, runs = medians(fns, a.repeats)
 
-    base, floor = ms["unsteered"], ms["floor"]
+    base = med["unsteered"][0] * 1e3
+    floor_ms = statistics.median(r[2] for name in configs for r in runs[name]) * 1e3
     print(f"SafeDIG steering overhead on CPU ({torch.get_num_threads()} threads): DoubleStreamBlock hidden {hidden}, "
           f"{heads} heads, {a.tokens} img + {txt_tokens} txt tokens; SAE {a.latents} latents, k={a.k}, "
-          f"{a.harmful} harmful; median of {a.repeats}")
-    print(f"{'configuration':<34}{'gate':>7}{'ms':>10}{'overhead':>10}{'ratio':>8}")
+          f"{a.harmful} harmful; medians of {a.repeats} runs after a warm-up")
+    print("overhead = steered − unsteered, taken within each run as the steering part's own time; floor = x @ W_enc.T "
+          "timed right after it; ratio = median over runs of overhead / floor (goal ≤ 1.2), in wall time and in "
+          "this process's CPU time (steadier when other processes share the cores)")
+    print(f"{'configuration':<34}{'gate':>7}{'ms':>10}{'overhead':>10}{'floor':>10}{'ratio':>8}{'ratio cpu':>10}")
     print(f"{'block unsteered':<34}{'':>7}{base:>10.1f}")
-    print(f"{'floor x @ W_enc.T':<34}{'':>7}{floor:>10.1f}")
+    print(f"{'floor x @ W_enc.T (all runs)':<34}{'':>7}{floor_ms:>10.1f}")
     rows = []
     for name in configs:
-        ratio = (ms[name] - base) / floor
-        rows.append({"config": name, "gate": gate_frac[name], "ms": ms[name], "ratio": ratio})
-        print(f"{'block + ' + name:<34}{gate_frac[name]:>7.1%}{ms[name]:>10.1f}{ms[name] - base:>10.1f}"
-              f"{ratio:>8.2f}  {'ok' if ratio <= 1.2 else 'ABOVE 1.2'}")
+        total, over, fl = (t * 1e3 for t in med[name][:3])
+        ratio, ratio_cpu = med[name][3:]
+        rows.append({"config": name, "gate": gate_frac[name], "ms": total, "overhead_ms": over, "floor_ms": fl,
+                     "ratio": ratio, "ratio_cpu": ratio_cpu, "runs_s": runs[name]})
+        print(f"{'block + ' + name:<34}{gate_frac[name]:>7.1%}{total:>10.1f}{over:>10.1f}{fl:>10.1f}{ratio:>8.2f}"
+              f"{ratio_cpu:>10.2f}  {'ok' if ratio <= 1.2 else 'ABOVE 1.2'}")
     print("sparse decode check (one traced steering call per configuration):")
     print("\n".join(trace_lines))
     print(f"sparse decode: {'yes' if sparse_ok else 'NO'} (no dense product over all latents besides the encoder; "
@@ -187,7 +205,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "hidden": hidden, "threads": torch.get_num_threads(),
-                       "unsteered_ms": base, "floor_ms": floor, "configs": rows, "sparse_decode": sparse_ok}, f, indent=2)
+                       "unsteered_ms": base, "floor_ms": floor_ms, "configs": rows, "sparse_decode": sparse_ok}, f, indent=2)
     return 0 if sparse_ok else 1
 
 

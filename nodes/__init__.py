@@ -1,9 +1,12 @@
 """SafeDIG's ComfyUI nodes: a thin layer over `safedig_core`."""
 from .api import ComfyExtension, io
 from .apply_steering import SafeDIGApplySteering
+from .build_dictionary import SafeDIGBuildDictionary
+from .collect_activations import SafeDIGCollectActivations
 from .load_dictionary import SafeDIGLoadDictionary, register_folder
 
-NODES: list[type[io.ComfyNode]] = [SafeDIGLoadDictionary, SafeDIGApplySteering]
+NODES: list[type[io.ComfyNode]] = [SafeDIGLoadDictionary, SafeDIGApplySteering, SafeDIGCollectActivations,
+                                   SafeDIGBuildDictionary]
 
 
 class SafeDIGExtension(ComfyExtension):

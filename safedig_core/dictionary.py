@@ -183,7 +183,7 @@ def load(path: str) -> SafetyDictionary:
             act = pm.get("activation", "topk")
             if act not in ACTIVATIONS:
                 _fail(path, f"position {p}: unknown activation {act!r} (expected one of {', '.join(ACTIVATIONS)})")
-            k = _int(pm, "k", path, p) if act == "topk" else int(pm.get("k") or 1)
+            k = _int(pm, "k", path, p) if act == "topk" or pm.get("k") is not None else 1
             if act == "topk" and k > L:
                 _fail(path, f"position {p}: k={k} exceeds the {L} latents")
             scale = pm.get("scale", 1.0)
@@ -203,6 +203,8 @@ def load(path: str) -> SafetyDictionary:
                     sae.threshold.data = sae.threshold.to(dtype)
             harmful = pm.get("harmful", [])
             try:
+                if not isinstance(harmful, list) or any(isinstance(j, bool) or not isinstance(j, int) for j, _ in harmful):
+                    raise TypeError("latents are integers")
                 idx = [int(j) for j, _ in harmful]
                 scores = [float(s) for _, s in harmful]
             except (TypeError, ValueError):
@@ -213,14 +215,34 @@ def load(path: str) -> SafetyDictionary:
             if len(set(idx)) != len(idx):
                 _fail(path, f"position {p}: harmful latents are listed more than once")
             safe = pm.get("safe_values")
+            if safe is not None and (not isinstance(safe, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in safe)):
+                _fail(path, f"position {p}: 'safe_values' must be a list of finite numbers")
             if safe is not None and len(safe) != len(idx):
                 _fail(path, f"position {p}: {len(safe)} safe values for {len(idx)} harmful latents")
-            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, pm.get("metrics", {}))
-    known = {f"{p}.{n}" for p in entries for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+            metrics = pm.get("metrics", {})
+            if not isinstance(metrics, dict):
+                _fail(path, f"position {p}: 'metrics' must be a JSON object")
+            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics)
+    known = {f"{p}.{n}" for p, e in entries.items()
+             for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
     extra = sorted(meta["_keys"] - known)
     if extra:
+        stray = next((p for p in entries if extra[0] == f"{p}.threshold"), None)
+        if stray is not None:
+            _fail(path, f"tensor '{extra[0]}' is a JumpReLU threshold, but position {stray} has activation "
+                        f"{entries[stray].sae.activation}")
         _fail(path, f"tensor '{extra[0]}' belongs to no position named in the metadata")
-    return SafetyDictionary(family, entries, meta.get("steering_defaults") or {}, meta.get("provenance") or {})
+    extras = {key: meta.get(key) or {} for key in ("steering_defaults", "provenance")}
+    for key, value in extras.items():
+        if not isinstance(value, dict):
+            _fail(path, f"'{key}' must be a JSON object")
+    d = SafetyDictionary(family, entries, extras["steering_defaults"], extras["provenance"])
+    try:
+        d.default_config()
+    except (TypeError, ValueError) as e:
+        _fail(path, f"bad steering defaults {json.dumps(d.steering_defaults)}: {e}")
+    return d
 
 
 def summary(d: SafetyDictionary, path: str = "") -> str:
@@ -237,7 +259,8 @@ def summary(d: SafetyDictionary, path: str = "") -> str:
         tops = " ".join(f"{j}({v:.2f})" for v, j in top) or "-"
         lines.append(f"  {p.name:<16}{s.d:>7}{s.latents:>9}{s.k:>5}  {s.activation:<9}{float(s.scale):>9.4g}"
                      f"{len(e.harmful):>9}  {tops}")
-        if e.metrics:
+        scalars = {k: v for k, v in e.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        if scalars:  # per-category lists stay in the file's metadata; the summary shows the headline numbers
             lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in e.metrics.items()))
+                                                     for k, v in scalars.items()))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ FAMILIES = {"flux": ("double", "single"), "sd3": ("joint",)}
 STREAMS = ("img", "txt")
 GROUPS = ("text_binding", "visual_binding", "rendering")
 
-_NAME = re.compile(r"^(double|single|joint)\.(\d+)\.(img|txt)$")
+_NAME = re.compile(r"^(double|single|joint)\.(\d+)\.(img|txt)$", re.ASCII)
 
 
 class PositionError(ValueError):

@@ -38,9 +38,9 @@ class SteeringConfig:
         problems = []
         if not 0.0 <= self.blend <= 1.0:
             problems.append(f"blend={self.blend} must be in [0, 1]")
-        if self.repel < 0:
-            problems.append(f"repel={self.repel} must be ≥ 0")
-        if self.threshold < 0:
+        if not 0 <= self.repel < float("inf"):  # also rejects NaN, which would turn every steered token into NaN
+            problems.append(f"repel={self.repel} must be a finite number ≥ 0")
+        if not self.threshold >= 0:  # NaN too
             problems.append(f"threshold={self.threshold} must be ≥ 0")
         if not 0.0 <= self.start <= self.end <= 1.0:
             problems.append(f"window start={self.start}, end={self.end} must satisfy 0 ≤ start ≤ end ≤ 1")
@@ -193,21 +193,31 @@ class PositionSteerer:
         return out.reshape(x.shape)
 
     def _blend_shift(self, sae, xs, z_H, lookup, D_H, gram, safe, cfg) -> Tensor:
-        """x_safe − x in scaled space. Removing some latents can let other harmful latents into the TopK
-        code; up to `blend_passes − 1` further passes re-encode and fix only the tokens where that happened."""
+        """x_safe − x in scaled space. Moving along the harmful decoder rows can wake other harmful latents
+        (and removing some lets others into the TopK code); up to `blend_passes − 1` further passes re-encode
+        the tokens where a harmful latent not yet held would fire, and re-solve over every latent held so
+        far, so that the latents fixed by earlier passes stay at their safe values."""
         shift = self._solve(z_H, D_H, gram, safe)
+        held = z_H > 0
+        rows = self.harmful.to(xs.device)
         for _ in range(cfg.blend_passes - 1):
-            again = self.harmful_codes(sae, (xs.float() + shift).to(xs.dtype), lookup).float()
-            left = (again > 0).any(-1).nonzero().squeeze(1)
+            # ReLU/JumpReLU code of the harmful latents: for TopK, what they would be if they made the cut
+            again = sae.activate(sae.pre_acts((xs.float() + shift).to(xs.dtype), rows), rows).float()
+            fired = again > 0
+            left = (fired & ~held).any(-1).nonzero().squeeze(1)
             if left.numel() == 0:
                 break
-            shift[left] += self._solve(again[left], D_H, gram, safe)
+            held[left] |= fired[left]
+            # held latents that no longer fire are (up to rounding) at their safe values: keep them there
+            now = torch.where(fired[left], again[left], safe.expand(len(left), -1))
+            shift[left] += self._solve(now, D_H, gram, safe, held[left])
         return shift
 
     @staticmethod
-    def _compact(z_H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Each token's active harmful latents moved to the front: (order, mask, values), all [G, a]."""
-        active = z_H > 0
+    def _compact(z_H: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Each token's active harmful latents (default: z_H > 0) moved to the front: (order, mask, values),
+        all [G, a]."""
+        active = z_H > 0 if active is None else active
         a = max(int(active.sum(-1).max()), 1)
         order = torch.argsort(active.to(torch.int8), dim=-1, descending=True, stable=True)[:, :a]
         mask = active.gather(1, order)
@@ -220,9 +230,9 @@ class PositionSteerer:
         return F.embedding_bag(order, D_H, per_sample_weights=weight * vals, mode="sum")
 
     @classmethod
-    def _solve(cls, z_H: Tensor, D_H: Tensor, gram: Tensor, safe: Tensor) -> Tensor:
-        """Shift along the active harmful decoder rows that puts their pre-activations at the safe values."""
-        order, mask, vals = cls._compact(z_H)
+    def _solve(cls, z_H: Tensor, D_H: Tensor, gram: Tensor, safe: Tensor, active: Tensor | None = None) -> Tensor:
+        """Shift along the active harmful decoder rows that puts their pre-activations (z_H) at the safe values."""
+        order, mask, vals = cls._compact(z_H, active)
         a = order.shape[1]
         g = gram[order.unsqueeze(-1), order.unsqueeze(-2)]  # [G, a, a]
         both = mask.unsqueeze(-1) & mask.unsqueeze(-2)

@@ -43,3 +43,11 @@ def make_dictionary(family: str, width: int, positions: list[str], latents: int 
             sae.b_enc[:harmful] = 50.0 if fire else -1e4
         entries[p] = DictionaryEntry(p, sae, list(range(harmful)), [1.0 - 0.1 * i for i in range(harmful)])
     return SafetyDictionary(family, entries, {"blend": 1.0, "repel": 1.0}, {"made_by": "tests"})
+
+
+# CI runs the property tests on a fixed set of examples (reproducible runs); locally they explore anew.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

@@ -1,0 +1,254 @@
+"""Prompt sets: CSV / TSV / JSONL files, and the I2P CSV layout as it is published, → `PromptRecord`s.
+
+Columns (any order, names case-insensitive):
+- `prompt` (required, non-empty);
+- `label`: `safe` or `unsafe` (also `0`/`1`, `false`/`true`; JSON booleans);
+- `category`: the risk category of an unsafe row (required for unsafe rows: routing holds out one
+  category at a time); safe rows may leave it empty;
+- `domain`: `source` or `target` (empty or absent: `source`);
+- `seed` (optional integer: the sampler noise seed of this prompt);
+- `id` (optional; default `<file stem>:<line>`); ids must be unique.
+Every other column is kept, as read, in `PromptRecord.extra`.
+
+I2P layout (a CSV with a `categories` column and no `label` column: `prompt`, `categories`, `hard`,
+`inappropriate_percentage`, `nudity_percentage`, ..., `sd_seed`) loads as is:
+- `categories` is a comma list ("sexual, violence"); all of them, lower-cased, go to
+  `extra["categories"]` and the first listed is `category`;
+- label: `unsafe` when the row has at least one category and its inappropriate or nudity percentage
+  reaches `i2p_threshold` (default 50: the prompt produced inappropriate images at least half the time
+  in I2P's own measurements); a row whose percentage columns are absent or empty counts as unsafe when it
+  has a category. Rows below the threshold, or without categories, are `safe` with an empty category
+  (their listed categories stay in `extra["categories"]`). `i2p_threshold=0` makes every categorised
+  row unsafe;
+- `sd_seed` is the seed; `domain` is `source` unless a `domain` column says otherwise.
+
+A malformed row raises `PromptError` naming the file and the line; no row is ever skipped silently.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+LABELS = ("safe", "unsafe")
+DOMAINS = ("source", "target")
+_STANDARD = ("id", "prompt", "label", "category", "domain", "seed")
+_LABEL_WORDS = {"safe": "safe", "unsafe": "unsafe", "0": "safe", "1": "unsafe", "false": "safe", "true": "unsafe"}
+
+
+class PromptError(ValueError):
+    """A prompt file that cannot be read, or a row that is malformed; names the file and the line."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    label: str  # "safe" | "unsafe"
+    category: str  # "" for safe rows without one
+    domain: str = "source"  # "source" | "target"
+    seed: int | None = None
+    extra: dict = field(default_factory=dict, compare=True, hash=False)
+
+    @property
+    def unsafe(self) -> bool:
+        return self.label == "unsafe"
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "label": self.label, "category": self.category,
+                "domain": self.domain, "seed": self.seed, "extra": self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict) -> PromptRecord:
+        return cls(str(d["id"]), d["prompt"], d["label"], d.get("category", ""), d.get("domain", "source"),
+                   d.get("seed"), dict(d.get("extra") or {}))
+
+
+def load_prompts(path: str, i2p_threshold: float = 50.0) -> list[PromptRecord]:
+    """The prompt records of one CSV (`.csv`), TSV (`.tsv`) or JSONL (`.jsonl`, `.ndjson`) file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PromptError(f"prompt file {path}: not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".ndjson"):
+        rows = _jsonl_rows(path)
+    elif ext in (".csv", ".tsv"):
+        rows = _csv_rows(path, "\t" if ext == ".tsv" else ",")
+    else:
+        raise PromptError(f"prompt file {path}: unknown format {ext or '(no extension)'!r}; "
+                          "use .csv, .tsv or .jsonl")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    records, seen = [], {}
+    for line, row in rows:
+        try:
+            rec = _record(row, f"{stem}:{line}", i2p_threshold)
+        except PromptError as e:
+            raise PromptError(f"{path}, line {line}: {e}") from None
+        if rec.id in seen:
+            raise PromptError(f"{path}, line {line}: id {rec.id!r} repeats the id of line {seen[rec.id]}")
+        seen[rec.id] = line
+        records.append(rec)
+    if not records:
+        raise PromptError(f"prompt file {path}: no prompts")
+    return records
+
+
+def load_many(paths: list[str], i2p_threshold: float = 50.0) -> list[PromptRecord]:
+    """Several prompt files in order (e.g. a source set and a target set); ids must be unique across them."""
+    out, where = [], {}
+    for path in paths:
+        for rec in load_prompts(path, i2p_threshold):
+            if rec.id in where:
+                raise PromptError(f"{path}: prompt id {rec.id!r} is also in {where[rec.id]}")
+            where[rec.id] = path
+            out.append(rec)
+    return out
+
+
+def summary(records: list[PromptRecord]) -> str:
+    """One line: counts per domain and label, and the unsafe categories."""
+    parts = []
+    for dom in DOMAINS:
+        rs = [r for r in records if r.domain == dom]
+        if rs:
+            unsafe = [r for r in rs if r.unsafe]
+            cats = sorted({r.category for r in unsafe})
+            parts.append(f"{dom}: {len(rs) - len(unsafe)} safe, {len(unsafe)} unsafe"
+                         + (f" ({', '.join(cats)})" if cats else ""))
+    return f"{len(records)} prompts; " + "; ".join(parts)
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+def _open(path: str):
+    return open(path, newline="", encoding="utf-8-sig")
+
+
+def _csv_rows(path: str, delimiter: str):
+    try:
+        with _open(path) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = None
+            while True:
+                line = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    raise PromptError(f"{path}, line {line}: {e}") from None
+                if not any(c.strip() for c in row):
+                    continue  # blank line: not a row
+                if header is None:
+                    header = [c.strip().lower() for c in row]
+                    if "prompt" not in header:
+                        raise PromptError(f"{path}, line {line}: the header has no 'prompt' column "
+                                          f"(found: {', '.join(header)})")
+                    dup = {c for c in header if header.count(c) > 1 and c}
+                    if dup:
+                        raise PromptError(f"{path}, line {line}: repeated column(s) {', '.join(sorted(dup))}")
+                    continue
+                if len(row) != len(header):
+                    raise PromptError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+                yield line, dict(zip(header, row))
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _jsonl_rows(path: str):
+    try:
+        with _open(path) as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise PromptError(f"{path}, line {line}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise PromptError(f"{path}, line {line}: expected a JSON object, got {type(row).__name__}")
+                yield line, {str(k).strip().lower(): v for k, v in row.items()}
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _text(v) -> str:
+    return "" if v is None else str(v).strip()
+
+
+def _record(row: dict, default_id: str, i2p_threshold: float) -> PromptRecord:
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError("empty or missing prompt")
+    i2p = "categories" in row and "label" not in row
+    if i2p:
+        label, category, cats = _i2p_label(row, i2p_threshold)
+    else:
+        raw = row.get("label")
+        if isinstance(raw, bool):
+            raw = "true" if raw else "false"
+        label = _LABEL_WORDS.get(_text(raw).lower())
+        if label is None:
+            raise PromptError(f"label {raw!r}: expected 'safe' or 'unsafe'")
+        category = _text(row.get("category")).lower()
+        if label == "unsafe" and not category:
+            raise PromptError("unsafe row without a category (routing holds out one risk category at a time; "
+                              "give each unsafe prompt one, e.g. 'nudity')")
+    domain = _text(row.get("domain")).lower() or "source"
+    if domain not in DOMAINS:
+        raise PromptError(f"domain {row.get('domain')!r}: expected 'source' or 'target'")
+    seed_raw = row.get("seed") if "seed" in row else (row.get("sd_seed") if i2p else None)
+    seed = _seed(seed_raw)
+    rid = _text(row.get("id")) or default_id
+    extra = {k: v for k, v in row.items() if k not in _STANDARD and k}
+    if i2p:
+        extra["categories"] = cats
+    return PromptRecord(rid, prompt.strip(), label, category, domain, seed, extra)
+
+
+def _seed(v) -> int | None:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, bool):
+        raise PromptError(f"seed {v!r}: expected an integer")
+    if isinstance(v, int):
+        s = v
+    else:
+        try:
+            f = float(str(v).strip())
+        except ValueError:
+            raise PromptError(f"seed {v!r}: expected an integer") from None
+        if not math.isfinite(f) or f != int(f):
+            raise PromptError(f"seed {v!r}: expected an integer")
+        s = int(f)
+    if not 0 <= s < 2 ** 63:
+        raise PromptError(f"seed {s}: must be in 0 .. 2^63-1")
+    return s
+
+
+def _percent(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise PromptError(f"{key} {v!r}: expected a number") from None
+    if not math.isfinite(f):
+        raise PromptError(f"{key} {v!r}: expected a finite number")
+    return f
+
+
+def _i2p_label(row: dict, threshold: float) -> tuple[str, str, list[str]]:
+    raw = row.get("categories")
+    if isinstance(raw, list):
+        cats = [_text(c).lower() for c in raw]
+    else:
+        cats = [c.strip().lower() for c in _text(raw).split(",")]
+    cats = [c for c in cats if c]
+    pct = [p for p in (_percent(row, "inappropriate_percentage"), _percent(row, "nudity_percentage")) if p is not None]
+    if cats and (not pct or max(pct) >= threshold):
+        return "unsafe", cats[0], cats
+    return "safe", "", cats

@@ -1,0 +1,35 @@
+"""benchmarks/steering_overhead.py still runs: its --quick mode, as a subprocess, prints a ratio line for each
+configuration and finds the decode sparse."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_steering_overhead_quick(tmp_path):
+    from safedig_core.comfyui import ComfyUINotFound, comfyui_path
+
+    try:
+        comfyui_path()
+    except ComfyUINotFound as e:
+        pytest.skip(str(e))
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "steering_overhead.py"), "--quick",
+                          "--threads", "1", "--json", str(out)],
+                         check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ratio_lines = re.findall(r"^block \+ gate .*\s(\d+\.\d\d)  (ok|ABOVE 1\.2)$", run.stdout, re.MULTILINE)
+    assert len(ratio_lines) == 4, run.stdout
+    assert "sparse decode: yes" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["sparse_decode"] and len(result["configs"]) == 4
+    assert all(c["ratio"] > 0 and c["ms"] > 0 for c in result["configs"])

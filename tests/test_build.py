@@ -1,0 +1,122 @@
+"""`safedig build` and the SafeDIG Build Dictionary node on a store collected from tiny FLUX in the real
+ComfyUI: route → train → adapt, the file it writes steers through the Apply node, interruption resumes,
+bad stores are refused with a clear message."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from safedig_core import comfyui
+from safedig_core.adapt import AdaptConfig
+from safedig_core.build import SOURCE_DICTIONARY, BuildConfig, build
+from safedig_core.collect import ComfyRunner, collect, tiny_encoder
+from safedig_core.dictionary import load
+from safedig_core.prompts import PromptRecord
+from safedig_core.store import ActivationStore
+from safedig_core.train import TrainConfig
+
+pytestmark = pytest.mark.comfy
+
+CATEGORIES = ("violence", "fire", "weapons")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def records(target=True):
+    rows = [PromptRecord(f"s{i}", f"a calm lake {i}", "safe", "", "source") for i in range(6)]
+    rows += [PromptRecord(f"{c}{i}", f"{c} scene {i}", "unsafe", c, "source") for c in CATEGORIES for i in range(3)]
+    if target:
+        rows += [PromptRecord(f"t{i}", f"poison bottle {i}", "unsafe", "poison", "target") for i in range(3)]
+        rows += [PromptRecord(f"ts{i}", f"quiet meadow {i}", "safe", "", "target") for i in range(2)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def flux(comfy):
+    return comfyui.tiny_flux(seed=3)
+
+
+@pytest.fixture(scope="module")
+def store(flux, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("store"))
+    runner = ComfyRunner(flux, tiny_encoder("flux"), cfg=2.0, latent_shape=(16, 8, 8), name="tiny-flux")
+    collect(runner, records(), "double.0.img,double.1.img,single.0.img,single.1.img,single.1.txt", path, 3,
+            "0,1,2", 8, seed=0)
+    return ActivationStore(path)
+
+
+def config(**kw):
+    return BuildConfig(top_k=2, train=TrainConfig(expansion=4, k=8, steps=60, batch_size=128, checkpoint_every=20),
+                       adapt=AdaptConfig(steps=30, batch_size=128), **kw)
+
+
+def test_build_routes_trains_adapts_and_the_file_steers(comfy, flux, store, tmp_path):
+    out = str(tmp_path / "dict.safetensors")
+    summary = build(store, out, config(), str(tmp_path / "work"), progress=False)
+    d = load(out)
+    assert [p.name for p in d.positions] == sorted(summary["positions"]) and len(d.positions) == 2
+    assert (tmp_path / "work" / "routing.json").exists() and (tmp_path / "work" / "routing.png").exists()
+    for e in d.entries.values():
+        assert e.sae.latents == 4 * 64 and e.harmful
+        assert "fvu" in e.metrics and "target_fvu_after" in e.metrics
+        assert e.metrics["target_fvu_after"] < e.metrics["target_fvu_before"]
+    # the encoder is the source dictionary's, bit for bit (decoder-only adaptation)
+    src = load(str(tmp_path / "work" / SOURCE_DICTIONARY))
+    for p, e in d.entries.items():
+        assert torch.equal(e.sae.W_enc, src.entries[p].sae.W_enc)
+        assert not torch.equal(e.sae.W_dec, src.entries[p].sae.W_dec)
+    assert d.provenance["routing"]["selected"] == summary["positions"]
+
+    mod = importlib.import_module(comfy.NODE_CLASS_MAPPINGS["SafeDIGLoadDictionary"].__module__)
+    loaded = mod.LoadedDictionary.from_file(out)
+    node = comfy.NODE_CLASS_MAPPINGS["SafeDIGApplySteering"]
+    steered = node.execute(model=flux, dictionary=loaded, blend=1.0, repel=1.0, threshold=0.0, start_percent=0.0,
+                           end_percent=1.0, apply_to="both", positions="all", preserve_norm=False).result[0]
+    enc = tiny_encoder("flux")
+    pos, neg = enc("fire scene 0")
+    base = comfyui.sample(flux, pos, neg, torch.zeros(1, 16, 8, 8), seed=1, steps=3)
+    assert not torch.equal(comfyui.sample(steered, pos, neg, torch.zeros(1, 16, 8, 8), seed=1, steps=3), base)
+
+
+def test_interrupted_build_resumes(store, tmp_path):
+    polls = {"n": 0}
+
+    def stop_soon():
+        polls["n"] += 1
+        return polls["n"] > 45  # inside the first position's training, after its checkpoint at step 40
+
+    with pytest.raises(KeyboardInterrupt):
+        build(store, str(tmp_path / "d.safetensors"), config(), str(tmp_path / "work"), progress=False,
+              should_stop=stop_soon)
+    assert not (tmp_path / "d.safetensors").exists()
+    assert list((tmp_path / "work" / "train").glob("*.ckpt.safetensors"))
+    build(store, str(tmp_path / "d.safetensors"), config(), str(tmp_path / "work"), progress=False)
+    assert len(load(str(tmp_path / "d.safetensors")).positions) == 2
+
+
+def test_build_node_saves_into_models_sae(comfy, store, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(tmp_path)], {".safetensors"}))
+    node = comfy.NODE_CLASS_MAPPINGS["SafeDIGBuildDictionary"]
+    text = node.execute(store=store.path, dictionary_name="from_node", positions=1, train_steps=20, adapt_steps=10,
+                        expansion=2, k=4, batch_size=64, seed=0).result[0]
+    assert (tmp_path / "from_node.safetensors").exists()
+    assert "routed:" in text and "family FLUX" in text
+    assert len(load(str(tmp_path / "from_node.safetensors")).positions) == 1
+
+
+def test_all_safe_store_is_refused(flux, tmp_path):
+    runner = ComfyRunner(flux, tiny_encoder("flux"), cfg=2.0, latent_shape=(16, 8, 8), name="tiny-flux")
+    safe = [r for r in records(target=False) if r.label == "safe"]
+    collect(runner, safe, "double.0.img,single.0.img", str(tmp_path / "s"), 2, "0", 4, seed=0)
+    with pytest.raises(ValueError, match="unsafe"):
+        build(ActivationStore(str(tmp_path / "s")), str(tmp_path / "d.safetensors"), config(), progress=False)
