@@ -32,8 +32,10 @@ class SafeDIGApplySteering(io.ComfyNode):
                                tooltip="α: how far gated tokens move toward the safe reconstruction"),
                 io.Float.Input("repel", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="β: how far gated tokens move against their harmful directions (>1 overshoots)"),
-                io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.01,
-                               tooltip="τ: steer only tokens whose harmful mass exceeds this"),
+                io.Float.Input("threshold", default=1.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="τ: steer only tokens whose harmful mass exceeds τ × the dictionary's gate "
+                                       "unit (1 = more than 99% of safe tokens reach, for dictionaries made by "
+                                       "SafeDIG; 0 = any harmful activity)"),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Start of the window, as a fraction of the sampler's steps"),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,

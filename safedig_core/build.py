@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from . import adapt as adapt_mod
 from . import routing, train
 from .dictionary import load, save
@@ -26,7 +28,8 @@ class BuildConfig:
     adapt: adapt_mod.AdaptConfig | None = field(default_factory=adapt_mod.AdaptConfig)  # None: no adaptation
     rescore: str | None = "union"  # re-score harmful latents on the target set: rescore | union | reselect | None
     routing: routing.RoutingConfig = field(default_factory=routing.RoutingConfig)
-    steering_defaults: dict = field(default_factory=lambda: {"blend": 1.0, "repel": 1.0, "threshold": 0.0})
+    gate_quantile: float | None = 0.99  # gate unit: this quantile of harmful mass on safe source tokens (None: 1)
+    steering_defaults: dict = field(default_factory=lambda: {"blend": 1.0, "repel": 1.0, "threshold": 1.0})
 
 
 def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | None = None,
@@ -63,6 +66,10 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
         adapted_path = source_dict
 
     d = load(adapted_path)
+    if cfg.gate_quantile is not None:
+        for p, e in d.entries.items():
+            e.gate_scale = gate_scale(store, p, e.steerer(), cfg.gate_quantile)
+            e.metrics["gate_scale"] = e.gate_scale
     d.steering_defaults = dict(cfg.steering_defaults)
     d.provenance = dict(d.provenance, **provenance, adapted=bool(adapted),
                         routing={"selected": selected, "best_fixed": report.best_fixed} if report else None)
@@ -73,3 +80,17 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
         json.dump(summary, f, indent=1, default=float)
     return summary
 
+
+@torch.no_grad()
+def gate_scale(store, p, steerer, quantile: float, max_batches: int = 64) -> float:
+    """The unit of the steering threshold at `p`: the `quantile` of harmful mass over safe source tokens,
+    so that τ = 1 leaves (1 − quantile) of safe tokens' harmful activity untouched."""
+    safe = [i for i, r in enumerate(store.prompts) if r.domain == "source" and r.label == "safe"]
+    unsafe = [i for i, r in enumerate(store.prompts) if r.domain == "source" and r.label == "unsafe"]
+    masses = {}
+    for name, idx in (("safe", safe), ("unsafe", unsafe)):
+        chunks = [steerer.harmful_mass(b.x) for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=idx))]
+        masses[name] = torch.cat(chunks) if chunks else torch.zeros(0)
+    q = float(torch.quantile(masses["safe"].float(), quantile)) if masses["safe"].numel() else 0.0
+    floor = 1e-3 * float(masses["unsafe"].mean()) if masses["unsafe"].numel() else 0.0
+    return max(q, floor, 1e-6)

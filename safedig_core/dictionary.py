@@ -4,8 +4,8 @@ Layout (format version 1):
 - tensors `<position>.W_enc [L, d]`, `<position>.b_enc [L]`, `<position>.W_dec [L, d]`,
   `<position>.b_dec [d]`, and `<position>.threshold [L]` for JumpReLU; float32, float16 or bfloat16;
 - header metadata key `safedig`: JSON with `format_version`, `family`, `positions` (per position:
-  width, latents, k, activation, scale, harmful = [[latent, score], ...], optional safe_values and
-  metrics), `steering_defaults` and `provenance`.
+  width, latents, k, activation, scale, harmful = [[latent, score], ...], optional safe_values,
+  gate_scale (the unit of the steering threshold τ, default 1) and metrics), `steering_defaults` and `provenance`.
 Loading reads only the safetensors header and tensors: nothing is ever unpickled. Every problem is a
 `DictionaryError` whose message names the file and what is wrong.
 """
@@ -42,10 +42,11 @@ class DictionaryEntry:
     scores: list[float] = field(default_factory=list)
     safe_values: list[float] | None = None
     metrics: dict = field(default_factory=dict)
+    gate_scale: float = 1.0  # unit of the steering threshold τ (harmful mass); see steering.py
 
     def steerer(self) -> PositionSteerer:
         safe = None if self.safe_values is None else torch.tensor(self.safe_values, dtype=torch.float32)
-        return PositionSteerer(self.sae, torch.tensor(self.harmful, dtype=torch.long), safe)
+        return PositionSteerer(self.sae, torch.tensor(self.harmful, dtype=torch.long), safe, self.gate_scale)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def _metadata(d: SafetyDictionary) -> dict:
                 "scale": float(s.scale), "harmful": [[int(j), float(v)] for j, v in zip(e.harmful, e.scores)]}
         if e.safe_values is not None:
             meta["safe_values"] = [float(v) for v in e.safe_values]
+        if e.gate_scale != 1.0:
+            meta["gate_scale"] = float(e.gate_scale)
         if e.metrics:
             meta["metrics"] = e.metrics
         positions[p.name] = meta
@@ -223,7 +226,10 @@ def load(path: str) -> SafetyDictionary:
             metrics = pm.get("metrics", {})
             if not isinstance(metrics, dict):
                 _fail(path, f"position {p}: 'metrics' must be a JSON object")
-            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics)
+            gate = pm.get("gate_scale", 1.0)
+            if not isinstance(gate, (int, float)) or isinstance(gate, bool) or not math.isfinite(gate) or gate <= 0:
+                _fail(path, f"position {p}: 'gate_scale' must be a positive number, got {gate!r}")
+            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, float(gate))
     known = {f"{p}.{n}" for p, e in entries.items()
              for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
     extra = sorted(meta["_keys"] - known)
@@ -252,13 +258,14 @@ def summary(d: SafetyDictionary, path: str = "") -> str:
         lines.append("  steering defaults: " + ", ".join(f"{k}={v}" for k, v in d.steering_defaults.items()))
     if d.provenance:
         lines.append("  provenance: " + ", ".join(f"{k}={v}" for k, v in d.provenance.items()))
-    lines.append(f"  {'position':<16}{'width':>7}{'latents':>9}{'k':>5}  {'act':<9}{'scale':>9}{'harmful':>9}  top latents (score)")
+    lines.append(f"  {'position':<16}{'width':>7}{'latents':>9}{'k':>5}  {'act':<9}{'scale':>9}{'gate':>9}{'harmful':>9}"
+                 "  top latents (score)")
     for p, e in sorted(d.entries.items()):
         s = e.sae
         top = sorted(zip(e.scores, e.harmful), reverse=True)[:5]
         tops = " ".join(f"{j}({v:.2f})" for v, j in top) or "-"
         lines.append(f"  {p.name:<16}{s.d:>7}{s.latents:>9}{s.k:>5}  {s.activation:<9}{float(s.scale):>9.4g}"
-                     f"{len(e.harmful):>9}  {tops}")
+                     f"{e.gate_scale:>9.4g}{len(e.harmful):>9}  {tops}")
         scalars = {k: v for k, v in e.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         if scalars:  # per-category lists stay in the file's metadata; the summary shows the headline numbers
             lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

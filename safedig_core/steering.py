@@ -1,7 +1,8 @@
 """Blend and Repel: the steering maths, in exactly one place, for every adapter (ComfyUI, diffusers).
 
 Per token x (one row), with code z = E(x) and harmful latents H:
-- gate: act only where the harmful mass g = Σ_{j∈H} z_j exceeds τ, inside the sampler window, on the
+- gate: act only where the harmful mass g = Σ_{j∈H} z_j exceeds τ·gate_scale (the dictionary's unit: the
+  high quantile of g on safe tokens measured when it was built, 1 otherwise), inside the sampler window, on the
   chosen batch halves; every other token is returned bit for bit;
 - Blend (α): move toward x_safe = D(z_safe) + (x − D(z)), where z_safe replaces the active harmful codes
   by their safe values. The replacement c is solved so that re-encoding x_safe puts the active harmful
@@ -97,8 +98,10 @@ class PositionSteerer:
     """One position's SAE and harmful latents, with the derived tensors steering needs, cast once to the
     model's device and dtype (`to`)."""
 
-    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, safe_values: Tensor | None = None):
+    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, safe_values: Tensor | None = None,
+                 gate_scale: float = 1.0):
         self.sae = sae.requires_grad_(False)  # master weights, as loaded
+        self.gate_scale = float(gate_scale)  # τ is measured in this unit of harmful mass
         self.harmful = harmful.long()
         h = len(self.harmful)
         self.safe_values = torch.zeros(h) if safe_values is None else safe_values.float()
@@ -174,7 +177,7 @@ class PositionSteerer:
         sub = flat if cand is None else flat[cand]
         scale = sae.scale
         z_H = self.harmful_codes(sae, sub * scale, lookup)
-        gated = (z_H.sum(-1) > cfg.threshold).nonzero().squeeze(1)
+        gated = (z_H.sum(-1) > cfg.threshold * self.gate_scale).nonzero().squeeze(1)
         if gated.numel() == 0:
             return x
         token = gated if cand is None else cand[gated]

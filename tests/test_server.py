@@ -23,7 +23,7 @@ APPLY_INPUTS = [
     ("dictionary", "SAFEDIG_DICTIONARY", {}),
     ("blend", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
     ("repel", "FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0}),
-    ("threshold", "FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0}),
+    ("threshold", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0}),
     ("start_percent", "FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0}),
     ("end_percent", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
     ("apply_to", "COMBO", {"default": "both"}),

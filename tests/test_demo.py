@@ -1,0 +1,49 @@
+"""`safedig demo --quick`: the whole pipeline on the testbed, end to end, as the README runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAINS = ("source", "target", "overall")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run = subprocess.run([sys.executable, "-m", "safedig_core", "demo", "--quick", "--seed", "0", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "UR source" in run.stdout and "steered" in run.stdout
+    with open(out / "report.json") as f:
+        return json.load(f), out
+
+
+def test_report_structure_and_pictures(report):
+    rep, out = report
+    for key in ("unsteered", "steered"):
+        assert set(rep["unsafe_rate"][key]) >= set(DOMAINS)
+        assert 0.0 <= rep["safe_fidelity"][key] <= 1.0
+    assert 0.0 <= rep["safe_change"] <= 1.0
+    assert rep["routing"]["selected"] and rep["routing"]["best_fixed"]
+    for name in ("fixed_layer", "no_adaptation", "full_retrain", "blend_only", "repel_only", "dense_diff_means",
+                 "word_filter"):
+        ab = rep["ablations"][name]
+        assert set(ab["unsafe_rate"]) >= set(DOMAINS) and 0.0 <= ab["safe_fidelity"] <= 1.0
+    assert rep["seconds"] > 0 and rep["threshold_calibration"]
+    for picture in ("grid.png", "routing.png"):
+        with open(out / picture, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steering_lowers_the_unsafe_rate(report):
+    rep, _ = report
+    before, after = rep["unsafe_rate"]["unsteered"], rep["unsafe_rate"]["steered"]
+    assert before["overall"] > 0.5  # the testbed renders what it is asked
+    assert after["overall"] < before["overall"]
