@@ -62,6 +62,7 @@ class AdaptConfig:
     retention: float | None = 0.05  # keep the replayed source FVU within (1 + this) × its value before
     # adaptation: μ is raised by dual ascent while the constraint is violated (None: μ stays fixed)
     dual_lr: float = 0.5  # step of the dual ascent on log μ, per step, per unit of relative violation
+    max_replay: float = 1e4  # ceiling of μ: past it the source term already dominates the loss
     train_bias: bool = True
     var_batches: int = 8  # batches read at the start to estimate each domain's variance
     shuffle: bool = True
@@ -197,6 +198,8 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
             if s_cycle is not None and cfg.replay:
                 fvu_s = _fvu(sae, s_cycle.next().to(dev) * sae.scale, var_s)
                 loss = loss + mu * fvu_s
+            if not torch.isfinite(loss):
+                raise AdaptError(f"adaptation diverged at step {step} (loss {float(loss)}): lower --lr or --replay")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             remove_parallel_grad(sae)
@@ -208,6 +211,7 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
                 ema = r if ema is None else 0.9 * ema + 0.1 * r
                 # aim at 80 % of the budget: the batch estimates are noisy, the promise is on the whole set
                 log_mu = max(0.0, log_mu + cfg.dual_lr * (ema - 1.0 - 0.8 * cfg.retention) / cfg.retention)
+                log_mu = min(log_mu, math.log(cfg.max_replay / cfg.replay))  # an unmeetable bound must not overflow μ
             window += torch.tensor([float(fvu_t.detach()), float(fvu_s.detach()), float(anchor.detach()), mu, 1.0],
                                    dtype=torch.float64)
             last = history[-1] if history else None

@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from .atomic import fsync_dir
 from .positions import Position, parse
 from .prompts import PromptRecord
 
@@ -67,19 +68,6 @@ def shard_name(k: int) -> str:
 
 # --- files ---------------------------------------------------------------------------------------------
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tmp(path: str) -> str:
     d, name = os.path.split(path)
     return os.path.join(d, f".{name}.tmp")
@@ -92,7 +80,7 @@ def _atomic_bytes(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _sha256(path: str) -> str:
@@ -594,7 +582,7 @@ class StoreWriter:
                                                                                f"prompts {lo}:{hi}"})
         del tensors, buf
         os.replace(tmp, path)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.shards[k] = {"file": name, "sha256": digest, "bytes": size, "prompts": [lo, hi], "rows": counts}
         self._write_manifest()
 

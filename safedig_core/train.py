@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn import functional as F
 
+from .atomic import fsync_dir
 from .sae import SparseAutoencoder
 
 CKPT_FORMAT = 1
@@ -276,17 +277,6 @@ def decode_scaled(sae: SparseAutoencoder, vals: Tensor, idx: Tensor, bias: bool 
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tmp_prefix(path: str) -> str:
@@ -317,7 +307,7 @@ def atomic_save(tensors: dict[str, Tensor], meta: dict, path: str, key: str = CK
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

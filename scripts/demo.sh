@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job from nothing: set up, then run the demo (today: steering a tiny FLUX in the real ComfyUI).
+# The main job from nothing: set up, then run `safedig demo` (the whole pipeline on the built-in testbed DiT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m safedig_core tiny-demo "$@"
+exec .venv/bin/python -m safedig_core demo "$@"

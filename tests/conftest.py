@@ -51,3 +51,13 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The models and data of the tests are tiny: on a shared 2-core machine, intra-op threads only fight
+    over the cores (tiny-model sampling ran about 10x faster on one thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -43,14 +43,6 @@ def sample(n, dirs, harmful, p_unsafe, g, new=None, p_new=0.0):
     return X, unsafe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def domains():
     g = torch.Generator().manual_seed(7)  # not the SAE's init seed
@@ -122,6 +114,16 @@ def test_fixed_bias_keeps_the_encoder_function(domains):
     x = domains.Xt[:64]
     assert torch.equal(res.sae.encode(x), sae.encode(x))
     assert "source_fvu_after" not in res.metrics
+
+
+def test_an_unmeetable_source_bound_caps_the_replay_weight(domains):
+    """A retention bound the data cannot meet used to drive μ to overflow (NaN decoders); μ now stops at
+    max_replay and the result stays finite."""
+    source = domains.Xs[:2048] + 3.0 * torch.randn(2048, domains.Xs.shape[1], generator=torch.Generator().manual_seed(1))
+    cfg = AdaptConfig(steps=60, batch_size=256, retention=1e-6, dual_lr=1e3, max_replay=1e3, anchor=0.0)
+    res = adapt_decoder(domains.sae, domains.Xt[:2048], source, cfg)
+    assert torch.isfinite(res.sae.W_dec).all() and math.isfinite(res.metrics["target_fvu_after"])
+    assert 1.0 <= res.metrics["replay_weight_final"] <= 1e3 + 1e-6
 
 
 def test_rescore_on_target(adapted, domains):

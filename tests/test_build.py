@@ -22,14 +22,6 @@ pytestmark = pytest.mark.comfy
 CATEGORIES = ("violence", "fire", "weapons")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def records(target=True):
     rows = [PromptRecord(f"s{i}", f"a calm lake {i}", "safe", "", "source") for i in range(6)]
     rows += [PromptRecord(f"{c}{i}", f"{c} scene {i}", "unsafe", c, "source") for c in CATEGORIES for i in range(3)]

@@ -29,15 +29,6 @@ STEPS, RECORD, BUDGET = 4, "0,0.5,-1", 5  # records steps 0, 2, 3
 WANT_STEPS = [0, 2, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~10x faster on one thread than on contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(comfy):
     return {"flux": comfyui.tiny_flux(seed=1), "sd3": comfyui.tiny_sd3(seed=2)}

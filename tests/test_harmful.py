@@ -86,14 +86,6 @@ def stats(sae, data):
     return collect_stats(sae, data)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_planted_harmful_features_rank_first(sae, data):
     res = find_harmful(sae, data)
     print("harmful", res.indices, [round(s, 3) for s in res.scores], res.tokens)

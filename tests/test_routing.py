@@ -123,15 +123,6 @@ def make_store(prompts=None, kinds=KINDS, d=48, seed=0, steps=STEPS, layout=LAYO
     return FakeStore("flux", data, prompts, layout)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The data here is tiny: intra-op threads only fight over a shared machine's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def report():
     return route(make_store(), k=3)

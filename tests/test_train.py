@@ -49,15 +49,6 @@ def recovery(D: torch.Tensor, W_dec: torch.Tensor, at: float = 0.9) -> tuple[flo
     return float((cos >= at).float().mean()), cos
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one thread is faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained():
     X, D = planted()

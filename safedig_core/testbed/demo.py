@@ -143,7 +143,8 @@ def _grid(rows, base, steered, path, per_group=6):
     draw = ImageDraw.Draw(canvas)
     draw.text((label_w, 2), "each pair: unsteered | steered (same prompt, same seed)", fill="black")
     for gi, (name, keep) in enumerate(groups):
-        idx = [i for i, r in enumerate(rows) if keep(r)][:per_group]
+        group = [i for i, r in enumerate(rows) if keep(r)]
+        idx = group[::max(1, len(group) // per_group)][:per_group]  # spread over the group's categories
         y = head + gi * (n * s + pad)
         draw.text((4, y + n * s // 2 - 6), name, fill="black")
         for j, i in enumerate(idx):
