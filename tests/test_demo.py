@@ -37,6 +37,8 @@ def test_report_structure_and_pictures(report):
         ab = rep["ablations"][name]
         assert set(ab["unsafe_rate"]) >= set(DOMAINS) and 0.0 <= ab["safe_fidelity"] <= 1.0
     assert rep["seconds"] > 0 and rep["threshold_calibration"]
+    for name in rep["routing"]["selected"]:
+        assert 0.0 <= rep["dictionary"][name]["spliced_rel_change"] < 1.0
     for picture in ("grid.png", "routing.png"):
         with open(out / picture, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ from ..positions import parse
 from ..prompts import PromptRecord
 from ..steering import SteeringConfig
 from ..store import ActivationStore
-from ..train import TrainConfig, train_sae
+from ..train import TrainConfig, splice, spliced_error, train_sae
 from . import world
 from .classifier import predict
 from .model import generate, load_testbed
@@ -74,6 +74,33 @@ def _full_retrain(store: ActivationStore, positions: list[str], work: str, tcfg:
     path = os.path.join(work, "full_retrain.safetensors")
     save(SafetyDictionary(store.family, entries, {}, {"made_by": "safedig demo (full retrain ablation)"}), path)
     return path
+
+
+class _Splice:
+    """Stands in for a steerer: every token of the position becomes the SAE's reconstruction."""
+
+    def __init__(self, sae):
+        self.replace = splice(sae)
+
+    def to(self, device=None, dtype=None):
+        return self
+
+    def steer(self, x, cfg, rows=None):
+        return self.replace(x)
+
+
+def _spliced(model, encode_fn, dict_path, rows, gen) -> dict:
+    """Per position, how much the generated images move when the reconstruction replaces the activation
+    (METHOD §4's spliced error, measured on building prompts)."""
+    prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
+    clean = generate(model, encode_fn, prompts, seeds, **gen)
+    out = {}
+    for p, e in load(dict_path).entries.items():
+        m = comfyui.steer_model(model, SteeringStore({p: _Splice(e.sae)}), [p], SteeringConfig(repel=1.0))
+        spliced = generate(m, encode_fn, prompts, seeds, **gen)
+        # images centred on mid-grey, so the norm measures content, not brightness
+        out[p.name] = round(spliced_error(lambda pair: pair, zip(clean - 0.5, spliced - 0.5))["rel_change"], 5)
+    return out
 
 
 def _calibrated(store: ActivationStore, path: str) -> str:
@@ -217,6 +244,9 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
     variants = {k: (st, cfg.with_(threshold=tau) if k != "dense_diff_means" else cfg) for k, (st, cfg) in variants.items()}
     log(f"[demo] threshold τ = {tau} chosen on the building prompts ({time.time() - t0:.0f}s)")
 
+    spliced = _spliced(model, encode_fn, dict_path, build_rows[::6], gen)
+    log(f"[demo] spliced error per position {spliced} ({time.time() - t0:.0f}s)")
+
     # 5. evaluate: same prompts, same seeds, every variant
     prompts, seeds = [r["prompt"] for r in eval_rows], [r["seed"] for r in eval_rows]
     base = generate(model, encode_fn, prompts, seeds, **gen)
@@ -243,7 +273,8 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
                                for s in summary["routing"]["scores"]}},
         "ablations": {k: results[k] for k in ("fixed_layer", "no_adaptation", "full_retrain", "blend_only",
                                               "repel_only", "dense_diff_means", "word_filter")},
-        "dictionary": {p.name: {k: v for k, v in e.metrics.items() if isinstance(v, (int, float))} | {"harmful": len(e.harmful)}
+        "dictionary": {p.name: {k: v for k, v in e.metrics.items() if isinstance(v, (int, float))}
+                       | {"harmful": len(e.harmful), "spliced_rel_change": spliced[p.name]}
                        for p, e in d.entries.items()},
         "prompts": {"build": len(build_rows), "eval": len(eval_rows),
                     "eval_unsafe": {dom: sum(r["label"] == "unsafe" and r["domain"] == dom for r in eval_rows)
