@@ -42,7 +42,30 @@ class SteeringStore:
         return self
 
 
-class BlockSteering:
+class _BlockPatch:
+    """What SafeDIG's block patches share: they run the patch they displaced (or the block itself), pass
+    the model's device/dtype moves on to it, and copy cheaply on `ModelPatcher.clone()`."""
+
+    previous = None
+
+    def run_block(self, args: dict, extra: dict) -> dict:
+        return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+
+    def to(self, device_or_dtype):
+        if hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype)
+        return self
+
+    def models(self):
+        return self.previous.models() if hasattr(self.previous, "models") else []
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        new.previous = copy.deepcopy(self.previous, memo)
+        return new
+
+
+class BlockSteering(_BlockPatch):
     """The `patches_replace["dit"]` entry for one block: runs the block, then steers its streams."""
 
     def __init__(self, store: SteeringStore, positions: list[Position], cfg: SteeringConfig, previous=None):
@@ -52,7 +75,7 @@ class BlockSteering:
         self.store, self.positions, self.cfg, self.previous = store, positions, cfg, previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+        out = self.run_block(args, extra)
         to = args.get("transformer_options") or {}
         if not in_window(schedule_progress(to.get("sigmas"), to.get("sample_sigmas")), self.cfg):
             return out
@@ -80,20 +103,10 @@ class BlockSteering:
 
     def to(self, device_or_dtype):
         self.store.to(device_or_dtype)
-        if hasattr(self.previous, "to"):
-            self.previous = self.previous.to(device_or_dtype)
-        return self
-
-    def models(self):
-        return self.previous.models() if hasattr(self.previous, "models") else []
-
-    def __deepcopy__(self, memo):
-        new = copy.copy(self)
-        new.previous = copy.deepcopy(self.previous, memo)
-        return new
+        return super().to(device_or_dtype)
 
 
-class BlockRecorder:
+class BlockRecorder(_BlockPatch):
     """A `patches_replace["dit"]` entry that hands the block's routed streams to `record(position, x, to)`
     (x: [B, tokens, d], image tokens without reference images) and returns the output unchanged."""
 
@@ -101,7 +114,7 @@ class BlockRecorder:
         self.record, self.positions, self.previous = record, positions, previous
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+        out = self.run_block(args, extra)
         to = args.get("transformer_options") or {}
         for p in self.positions:
             span = stream_span(p, out, to)
@@ -109,11 +122,6 @@ class BlockRecorder:
                 key, start, stop = span
                 self.record(p, out[key][:, start:stop], to)
         return out
-
-    def __deepcopy__(self, memo):
-        new = copy.copy(self)
-        new.previous = copy.deepcopy(self.previous, memo)
-        return new
 
 
 def stream_span(p: Position, out: dict, to: dict):

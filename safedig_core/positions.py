@@ -75,7 +75,15 @@ class ModelLayout:
     def has(self, p: Position) -> bool:
         if p.family != self.family or not 0 <= p.index < self.blocks.get(p.kind, 0):
             return False
-        return not (self.last_txt_absent and p.stream == "txt" and p.index == self.blocks[p.kind] - 1)
+        return not self._dead_text(p)
+
+    def _dead_text(self, p: Position) -> bool:
+        """The text stream of the model's last block: SD3's is never computed (context pre-only) and FLUX
+        drops the text tokens after its last single block, so steering there could change nothing."""
+        last = {"flux": "single", "sd3": "joint"}[self.family]
+        if p.stream != "txt" or p.kind != last or p.index != self.blocks.get(last, 0) - 1:
+            return False
+        return self.family == "flux" or self.last_txt_absent
 
     def width_of(self, p: Position) -> int:
         return self.txt_width if (p.stream == "txt" and self.txt_width) else self.width
@@ -87,7 +95,10 @@ class ModelLayout:
         if not 0 <= p.index < n:
             raise PositionError(f"position {p}: the model has {n} {p.kind} blocks (indices 0..{n - 1})")
         if not self.has(p):
-            raise PositionError(f"position {p}: the last joint block outputs no text stream (context pre-only)")
+            if p.kind == "joint":
+                raise PositionError(f"position {p}: the last joint block outputs no text stream (context pre-only)")
+            raise PositionError(f"position {p}: FLUX discards the text tokens of its last single block, so steering "
+                                "there has no effect; use an earlier block or the img stream")
 
 
 def parse_list(spec: str, available: list[Position]) -> list[Position]:

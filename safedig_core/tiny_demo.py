@@ -19,7 +19,7 @@ from .positions import parse
 from .sae import SparseAutoencoder
 from .steering import SteeringConfig
 
-POSITIONS = ("double.1.img", "single.0.img", "single.1.txt")
+POSITIONS = ("double.1.img", "single.0.img", "single.0.txt")
 
 
 def _record(model, names, cond, neg, seed):

@@ -40,7 +40,7 @@ def flux(comfy):
 def store(flux, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("store"))
     runner = ComfyRunner(flux, tiny_encoder("flux"), cfg=2.0, latent_shape=(16, 8, 8), name="tiny-flux")
-    collect(runner, records(), "double.0.img,double.1.img,single.0.img,single.1.img,single.1.txt", path, 3,
+    collect(runner, records(), "double.0.img,double.1.img,single.0.img,single.1.img,single.0.txt", path, 3,
             "0,1,2", 8, seed=0)
     return ActivationStore(path)
 

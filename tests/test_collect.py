@@ -229,7 +229,7 @@ def test_collect_node(comfy, models, tmp_path, monkeypatch):
     try:
         pfile = tmp_path / "prompts.jsonl"
         pfile.write_text("".join(f'{{"prompt": "a thing {i}", "label": "safe"}}\n' for i in range(4)))
-        args = dict(model=models["flux"], clip=FakeClip("flux"), prompt_file=str(pfile), positions="double.0.img,single.1.txt",
+        args = dict(model=models["flux"], clip=FakeClip("flux"), prompt_file=str(pfile), positions="double.0.img,single.0.txt",
                     steps=3, seed=5, token_budget=3, record_steps="all", output_name="tiny/run1", cfg=1.0, guidance=3.5,
                     sampler_name="euler", scheduler="simple", width=64, height=64, negative_prompt="", dtype="float16")
 
@@ -250,7 +250,7 @@ def test_collect_node(comfy, models, tmp_path, monkeypatch):
         assert str(path) in text and "complete" in text and "2 were already stored" in text
         assert updates[0] == (2, 4) and updates[-1] == (4, 4)
         s = ActivationStore(str(path))
-        assert s.rows("single.1.txt") == 4 * 3 * 3 and s.config["runner"]["cfg"] == 1.0
+        assert s.rows("single.0.txt") == 4 * 3 * 3 and s.config["runner"]["cfg"] == 1.0
         with pytest.raises(ValueError, match="output name"):
             node.execute(**{**args, "output_name": "../escape"})
         with pytest.raises(FileNotFoundError, match="not found"):

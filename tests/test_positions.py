@@ -55,16 +55,22 @@ def test_bad_names(name):
 
 def test_flux_positions():
     ps = FLUX.positions()
-    assert len(ps) == (19 + 38) * 2
+    assert len(ps) == (19 + 38) * 2 - 1  # the last single block's text tokens are discarded by FLUX
     assert len(set(ps)) == len(ps)
     assert ps[0] == parse("double.0.img") and ps[1] == parse("double.0.txt")
-    assert ps[-1] == parse("single.37.txt")
+    assert ps[-1] == parse("single.37.img")
     assert all(FLUX.has(p) for p in ps)
-    assert [p.kind for p in ps] == ["double"] * 38 + ["single"] * 76, "double blocks come first"
+    assert [p.kind for p in ps] == ["double"] * 38 + ["single"] * 75, "double blocks come first"
     for name in ("double.18.txt", "single.37.img", "single.0.txt"):
         assert FLUX.has(parse(name))
         FLUX.check(parse(name))
     assert FLUX.width_of(parse("double.0.txt")) == FLUX.width_of(parse("single.3.img")) == 3072
+
+
+def test_flux_last_single_text_is_rejected():
+    assert not FLUX.has(parse("single.37.txt"))
+    with pytest.raises(PositionError, match=r"single\.37\.txt: FLUX discards the text tokens of its last single block"):
+        FLUX.check(parse("single.37.txt"))
 
 
 def test_sd3_last_block_has_no_text():
