@@ -28,6 +28,7 @@ import torch
 
 from .positions import ModelLayout, Position, PositionError, parse
 from .prompts import PromptRecord
+from .steering import schedule_step
 from .store import StoreWriter
 
 SHARD_TARGET_BYTES = 256 << 20  # default shard size: one position of one shard is what a reader holds
@@ -141,17 +142,6 @@ def default_prompts_per_shard(layout: ModelLayout, positions: list[Position], re
 
 
 # --- ComfyUI runner ------------------------------------------------------------------------------------
-
-def schedule_step(sigma, sample_sigmas) -> int | None:
-    """Index of the sampler step that `sigma` belongs to (as steering.schedule_progress counts steps)."""
-    if sigma is None or sample_sigmas is None or len(sample_sigmas) < 2:
-        return None
-    s = float(sigma.max() if isinstance(sigma, torch.Tensor) else sigma)
-    sched = sample_sigmas.detach().float().cpu()
-    n = len(sched) - 1
-    i = int((sched[:-1] >= s * (1 - 1e-5)).sum()) - 1
-    return min(max(i, 0), n - 1)
-
 
 def cond_rows(batch: int, cond_or_uncond) -> slice | None:
     """Rows of the first cond chunk of a ComfyUI model call (None: the call holds no cond)."""

@@ -20,6 +20,7 @@ from .positions import Position
 from .steering import PositionSteerer, SteeringConfig, half_rows, in_window, schedule_progress
 
 TOKEN_LAYOUT = "safedig_token_layout"  # transformer_options key: (text tokens, output image tokens)
+PROGRESS = "safedig_progress"  # transformer_options key: schedule progress of this model call
 WRAPPER_KEY = "safedig"
 
 
@@ -77,7 +78,7 @@ class BlockSteering(_BlockPatch):
     def __call__(self, args: dict, extra: dict) -> dict:
         out = self.run_block(args, extra)
         to = args.get("transformer_options") or {}
-        if not in_window(schedule_progress(to.get("sigmas"), to.get("sample_sigmas")), self.cfg):
+        if not in_window(progress_of(to), self.cfg):
             return out
         out = dict(out)
         for p in self.positions:
@@ -122,6 +123,17 @@ class BlockRecorder(_BlockPatch):
                 key, start, stop = span
                 self.record(p, out[key][:, start:stop], to)
         return out
+
+
+def progress_of(to: dict) -> float | None:
+    """Schedule progress of the current model call, computed once per call rather than once per patched
+    block (it copies the schedule to the CPU). Cached with the call's own sigmas tensor, so a dict reused
+    across calls never serves a stale value."""
+    sigmas = to.get("sigmas")
+    cached = to.get(PROGRESS)
+    if cached is None or cached[0] is not sigmas:
+        cached = to[PROGRESS] = (sigmas, schedule_progress(sigmas, to.get("sample_sigmas")))
+    return cached[1]
 
 
 def stream_span(p: Position, out: dict, to: dict):

@@ -60,16 +60,21 @@ class SteeringConfig:
         return replace(self, **changes)
 
 
-def schedule_progress(sigma: Tensor | float | None, sample_sigmas: Tensor | None) -> float | None:
-    """Fraction of the sampler schedule reached at `sigma`: step i of n gives i/n. Intermediate sigmas
-    of multi-evaluation samplers count as the step they belong to. None when the schedule is unknown."""
+def schedule_step(sigma: Tensor | float | None, sample_sigmas: Tensor | None) -> int | None:
+    """Index of the sampler step `sigma` belongs to (of len(sample_sigmas) − 1 steps); intermediate sigmas of
+    multi-evaluation samplers count as the step they are taken in. None when the schedule is unknown."""
     if sigma is None or sample_sigmas is None or len(sample_sigmas) < 2:
         return None
     s = float(sigma.max() if isinstance(sigma, Tensor) else sigma)
     sched = sample_sigmas.detach().float().cpu()
-    n = len(sched) - 1
     i = int((sched[:-1] >= s * (1 - 1e-5)).sum()) - 1
-    return min(max(i, 0), n - 1) / n
+    return min(max(i, 0), len(sched) - 2)
+
+
+def schedule_progress(sigma: Tensor | float | None, sample_sigmas: Tensor | None) -> float | None:
+    """Fraction of the sampler schedule reached at `sigma`: step i of n gives i/n (None: unknown)."""
+    i = schedule_step(sigma, sample_sigmas)
+    return None if i is None else i / (len(sample_sigmas) - 1)
 
 
 def in_window(progress: float | None, cfg: SteeringConfig) -> bool:
