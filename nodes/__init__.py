@@ -3,9 +3,13 @@ from .api import ComfyExtension, io
 from .apply_steering import SafeDIGApplySteering
 from .build_dictionary import SafeDIGBuildDictionary
 from .collect_activations import SafeDIGCollectActivations
+from .feature_map import SafeDIGFeatureMap
 from .load_dictionary import SafeDIGLoadDictionary, register_folder
+from .safety_check import SafeDIGSafetyCheck
+from .select_features import SafeDIGSelectFeatures
 
-NODES: list[type[io.ComfyNode]] = [SafeDIGLoadDictionary, SafeDIGApplySteering, SafeDIGCollectActivations,
+NODES: list[type[io.ComfyNode]] = [SafeDIGLoadDictionary, SafeDIGSelectFeatures, SafeDIGApplySteering,
+                                   SafeDIGSafetyCheck, SafeDIGFeatureMap, SafeDIGCollectActivations,
                                    SafeDIGBuildDictionary]
 
 

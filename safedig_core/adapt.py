@@ -160,6 +160,9 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
     cfg.check()
     if sae.activation != "topk":
         raise AdaptError(f"decoder adaptation needs a TopK SAE, this one uses {sae.activation}")
+    if sae.normalize != "none":
+        raise AdaptError(f"decoder adaptation works on SAEs without per-token input normalisation; this one "
+                         f"uses {sae.normalize} (converted from another library)")
     dev = torch.device(device) if device is not None else sae.W_dec.device
     src_sae = sae
     sae = copy.deepcopy(sae).float().to(dev)

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     from . import collect  # `safedig collect`: its arguments live beside the code they drive
 
     collect.add_cli(sub)
+    from . import convert  # `safedig convert`: another library's SAE to a dictionary file
+
+    convert.add_cli(sub)
+    from . import evaluate, plots  # `safedig eval` / `safedig plot`
+
+    evaluate.add_cli(sub)
+    plots.add_cli(sub)
     from . import adapt, train  # `safedig train` / `safedig adapt`: arguments live beside their code
 
     p = sub.add_parser("train", help="train one TopK SAE per position of an activation store, score harmful latents")

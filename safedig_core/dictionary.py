@@ -5,7 +5,8 @@ Layout (format version 1):
   `<position>.b_dec [d]`, and `<position>.threshold [L]` for JumpReLU; float32, float16 or bfloat16;
 - header metadata key `safedig`: JSON with `format_version`, `family`, `positions` (per position:
   width, latents, k, activation, scale, harmful = [[latent, score], ...], optional safe_values,
-  gate_scale (the unit of the steering threshold τ, default 1) and metrics), `steering_defaults` and `provenance`.
+  gate_scale (the unit of the steering threshold τ, default 1), metrics, and normalize (per-token input
+  normalisation of converted SAEs, default "none")), `steering_defaults` and `provenance`.
 Loading reads only the safetensors header and tensors: nothing is ever unpickled. Every problem is a
 `DictionaryError` whose message names the file and what is wrong.
 """
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .positions import FAMILIES, ModelLayout, Position, PositionError, parse
-from .sae import ACTIVATIONS, SparseAutoencoder
+from .sae import ACTIVATIONS, NORMALIZATIONS, SparseAutoencoder
 from .steering import PositionSteerer, SteeringConfig
 
 FORMAT_VERSION = 1
@@ -88,6 +89,8 @@ def _metadata(d: SafetyDictionary) -> dict:
             meta["safe_values"] = [float(v) for v in e.safe_values]
         if e.gate_scale != 1.0:
             meta["gate_scale"] = float(e.gate_scale)
+        if s.normalize != "none":
+            meta["normalize"] = s.normalize
         if e.metrics:
             meta["metrics"] = e.metrics
         positions[p.name] = meta
@@ -192,7 +195,11 @@ def load(path: str) -> SafetyDictionary:
             scale = pm.get("scale", 1.0)
             if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
                 _fail(path, f"position {p}: activation scale must be a positive number, got {scale!r}")
-            sae = SparseAutoencoder(d, L, k, act, scale)
+            norm = pm.get("normalize", "none")
+            if norm not in NORMALIZATIONS:
+                _fail(path, f"position {p}: unknown input normalisation {norm!r} "
+                            f"(expected one of {', '.join(NORMALIZATIONS)})")
+            sae = SparseAutoencoder(d, L, k, act, scale, norm)
             shapes = {"W_enc": (L, d), "b_enc": (L,), "W_dec": (L, d), "b_dec": (d,)}
             if act == "jumprelu":
                 shapes["threshold"] = (L,)
@@ -266,6 +273,8 @@ def summary(d: SafetyDictionary, path: str = "") -> str:
         tops = " ".join(f"{j}({v:.2f})" for v, j in top) or "-"
         lines.append(f"  {p.name:<16}{s.d:>7}{s.latents:>9}{s.k:>5}  {s.activation:<9}{float(s.scale):>9.4g}"
                      f"{e.gate_scale:>9.4g}{len(e.harmful):>9}  {tops}")
+        if s.normalize != "none":
+            lines.append(f"      input normalisation: {s.normalize}")
         scalars = {k: v for k, v in e.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         if scalars:  # per-category lists stay in the file's metadata; the summary shows the headline numbers
             lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

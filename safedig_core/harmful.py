@@ -193,7 +193,7 @@ def collect_stats(sae: SparseAutoencoder, data: Any, prompts: list | None = None
         keep = groups.any(1)
         if not bool(keep.any()):
             continue
-        xs = x.to(dev, sae.W_dec.dtype)[keep] * sae.scale
+        xs = sae.prepare(x.to(dev, sae.W_dec.dtype)[keep])
         vals, idx = sae.encode_sparse(xs)
         fired = vals > fire_min * (xs - sae.b_dec).norm(dim=1, keepdim=True) if fire_min > 0 else vals > 0
         stats.add(vals, idx, groups[keep], fired)

@@ -9,7 +9,9 @@ Per token x (one row), with code z = E(x) and harmful latents H:
   pre-activations exactly at their safe values (G_AA c = s_A − z_A, G = W_enc[H] W_dec[H]ᵀ), which is
   the plain ablation when encoder and decoder are biorthogonal and stays exact when they are not;
 - Repel (β): x' = x − β Σ_{j∈H} z_j d_j, away from the harmful decoder directions (β > 1 overshoots).
-Both act on the scaled activation space of the SAE and touch only the active harmful decoder rows.
+Both act on the space the encoder sees (scaled; per-token normalised where the SAE asks for it, the shift then
+mapped back with that token's own factor: `SparseAutoencoder.shift_to_input`) and touch only the active
+harmful decoder rows.
 """
 from __future__ import annotations
 
@@ -133,7 +135,8 @@ class PositionSteerer:
             sae = master
             if master.W_enc.device != device or master.W_enc.dtype != dtype:
                 # The working copy needs only the encoder side: decoding touches the harmful rows alone.
-                sae = SparseAutoencoder(master.d, master.latents, master.k, master.activation)
+                sae = SparseAutoencoder(master.d, master.latents, master.k, master.activation,
+                                        normalize=master.normalize)
                 state = {k: v for k, v in master.state_dict().items() if k != "W_dec"}
                 sae.W_dec = torch.nn.Parameter(torch.empty(0, master.d), requires_grad=False)
                 sae.load_state_dict(state, strict=False)
@@ -161,7 +164,7 @@ class PositionSteerer:
         """g = Σ_{j∈H} z_j per row of unscaled x [..., d] → [...]."""
         sae, lookup = self._derived(x.device, x.dtype)[:2]
         flat = x.reshape(-1, x.shape[-1])
-        return self.harmful_codes(sae, flat * sae.scale, lookup).sum(-1).reshape(x.shape[:-1])
+        return self.harmful_codes(sae, sae.prepare(flat), lookup).sum(-1).reshape(x.shape[:-1])
 
     def steer(self, x: Tensor, cfg: SteeringConfig, rows: Tensor | None = None) -> Tensor:
         """Steer tokens x [B, T, d] (or [N, d]); `rows` [B] masks the batch rows that may be steered.
@@ -180,8 +183,7 @@ class PositionSteerer:
         else:
             cand = None
         sub = flat if cand is None else flat[cand]
-        scale = sae.scale
-        z_H = self.harmful_codes(sae, sub * scale, lookup)
+        z_H = self.harmful_codes(sae, sae.prepare(sub), lookup)
         gated = (z_H.sum(-1) > cfg.threshold * self.gate_scale).nonzero().squeeze(1)
         if gated.numel() == 0:
             return x
@@ -190,8 +192,8 @@ class PositionSteerer:
         z_H = z_H[gated].float()
         delta = self._sum_rows(z_H, D_H, -cfg.repel) if cfg.repel else 0.0  # scaled space, [G, d]
         if cfg.blend:
-            delta = delta + cfg.blend * self._blend_shift(sae, old * scale, z_H, lookup, D_H, gram, safe, cfg)
-        new = old + (delta / scale.float()).to(x.dtype)
+            delta = delta + cfg.blend * self._blend_shift(sae, sae.prepare(old), z_H, lookup, D_H, gram, safe, cfg)
+        new = old + sae.shift_to_input(delta, old).to(x.dtype)
         if cfg.preserve_norm:
             n_old = old.float().norm(dim=-1, keepdim=True)
             n_new = new.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -624,7 +624,7 @@ def evaluate(sae: SparseAutoencoder, data: Any, *, position: Any = None, prompts
         x = checked(batch_x(b), sae.d, f"batch {i}").to(dev, sae.W_dec.dtype)
         if not len(x):
             continue
-        xs = x * sae.scale
+        xs = sae.prepare(x)
         vals, idx = sae.encode_sparse(xs)
         e = xs - decode_scaled(sae, vals, idx)
         n += x.shape[0]

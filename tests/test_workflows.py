@@ -124,7 +124,7 @@ def test_workflow_file_is_a_litegraph_workflow(name):
     for lid, origin, oslot, target, tslot, ltype in wf["links"]:
         out, inp = nodes[origin]["outputs"][oslot], nodes[target]["inputs"][tslot]
         assert lid in (out["links"] or []) and inp["link"] == lid, f"link {lid} is not recorded on both ends"
-        assert out["type"] == ltype == inp["type"], f"link {lid}: {out['type']} -> {ltype} -> {inp['type']}"
+        assert out["type"] == ltype and inp["type"] in (ltype, "*"), f"link {lid}: {out['type']} -> {ltype} -> {inp['type']}"
     used = {lid for n in wf["nodes"] for i in n["inputs"] if i.get("link") is not None for lid in [i["link"]]}
     used |= {lid for n in wf["nodes"] for o in n["outputs"] for lid in (o["links"] or [])}
     assert used == set(link_ids), "nodes refer to links the links table lacks (or the reverse)"
@@ -159,7 +159,7 @@ def test_workflow_nodes_inputs_and_widgets_match_object_info(name, object_info):
                 problems.append(f"node {nid} {kind}.{inp['name']}: link {inp['link']} is not in the links table")
                 continue
             ltype = links[inp["link"]][5]
-            if input_type(spec) not in (ltype, "*") or inp["type"] != ltype:
+            if input_type(spec) not in (ltype, "*") or inp["type"] not in (ltype, input_type(spec)):
                 problems.append(f"node {nid} {kind}.{inp['name']}: link type {ltype} vs input type {spec[0]}")
         required = info["input"].get("required", {})
         for iname, spec in required.items():

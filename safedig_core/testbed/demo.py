@@ -214,9 +214,13 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
     log(f"[demo] dictionary built at {routed} (fixed-layer baseline: {best_fixed}) ({time.time() - t0:.0f}s)")
 
     # 3. the ablations' dictionaries and steerers (every dictionary gets the same gate unit rule)
-    fixed_path = os.path.join(work, "fixed_layer.safetensors")
-    build(store, fixed_path, BuildConfig(positions=[best_fixed], train=tcfg, adapt=acfg),
-          os.path.join(work, "fixed"), progress=False)
+    if best_fixed in routed:  # training and adaptation are per position and seeded alike: the same SAE
+        fixed = _dictionary_store(dict_path, [best_fixed])
+    else:
+        fixed_path = os.path.join(work, "fixed_layer.safetensors")
+        build(store, fixed_path, BuildConfig(positions=[best_fixed], train=tcfg, adapt=acfg),
+              os.path.join(work, "fixed"), progress=False)
+        fixed = _dictionary_store(fixed_path)
     retrain_path = _calibrated(store, _full_retrain(store, routed, os.path.join(work, "build"), tcfg))
     source_path = _calibrated(store, os.path.join(work, "build", SOURCE_DICTIONARY))
     src = [i for i, r in enumerate(store.prompts) if r.domain == "source"]
@@ -230,7 +234,7 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
 
     variants = {
         "steered": (_dictionary_store(dict_path), STEER),
-        "fixed_layer": (_dictionary_store(fixed_path), STEER),
+        "fixed_layer": (fixed, STEER),
         "no_adaptation": (_dictionary_store(source_path), STEER),
         "full_retrain": (_dictionary_store(retrain_path), STEER),
         "blend_only": (_dictionary_store(dict_path), STEER.with_(repel=0.0)),

@@ -1,0 +1,490 @@
+"""The diffusers adapter on tiny random-weight diffusers FLUX and SD3 transformers, against the ComfyUI path.
+
+The ComfyUI models are the same weights converted with ComfyUI's own diffusers→ComfyUI key map
+(`comfy.model_detection.convert_diffusers_mmdit`, what `comfy.sd.load_diffusion_model_state_dict` runs on
+diffusers checkpoints). The shared property tests run one model call through either adapter (`Adapter.run`);
+the cross-adapter tests compare the two on equal inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from conftest import make_dictionary
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from safedig_core import comfyui
+from safedig_core.comfy_patch import SteeringStore
+from safedig_core.dictionary import DictionaryError, save
+from safedig_core.diffusers_adapter import HALVES, layout_of, record, steer
+from safedig_core.positions import PositionError, parse, parse_list
+from safedig_core.steering import PositionSteerer, SteeringConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+WIDTH = {"flux": 64, "sd3": 128}
+TXT, SIDE, IMG = 5, 8, 16  # text tokens; an 8×8 latent in 2×2 patches gives 16 image tokens
+ALL = {"flux": ["double.0.img", "double.0.txt", "double.1.img", "double.1.txt", "single.0.img", "single.0.txt",
+                "single.1.img"],
+       "sd3": ["joint.0.img", "joint.0.txt", "joint.1.img"]}
+
+
+def tiny_diffusers(family: str):
+    torch.manual_seed(0 if family == "flux" else 1)
+    if family == "flux":  # in_channels 64 = ComfyUI's 16 latent channels in 2×2 patches; head 32 = RoPE 4+14+14
+        m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 14, 14))
+    else:  # ComfyUI's MMDiT has width 64·depth and depth heads
+        m = diffusers.SD3Transformer2DModel(sample_size=SIDE, patch_size=2, in_channels=16, num_layers=2,
+                                            attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                            caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
+                                            pos_embed_max_size=64)
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def dmodels():
+    return {f: tiny_diffusers(f) for f in ("flux", "sd3")}
+
+
+@pytest.fixture(scope="module")
+def cmodels(comfy, dmodels):
+    """The same weights in ComfyUI's FLUX and MMDiT classes."""
+    import comfy.model_detection
+
+    out = {}
+    for family, m in dmodels.items():
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        converted = comfy.model_detection.convert_diffusers_mmdit(state, "")
+        assert not state, f"keys ComfyUI's map did not convert: {sorted(state)}"
+        patcher = (comfyui.tiny_flux(depth=2, single=2, hidden=64, heads=2, context_dim=32, vec_dim=32)
+                   if family == "flux" else comfyui.tiny_sd3(depth=2, context_dim=32, adm_dim=32))
+        patcher.model.diffusion_model.load_state_dict(converted, strict=True)
+        out[family] = patcher
+    return out
+
+
+def inputs(batch: int = 1, sigma: float = 0.7, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 16, SIDE, SIDE, generator=g), "ctx": torch.randn(batch, TXT, 32, generator=g),
+            "y": torch.randn(batch, 32, generator=g), "sigma": torch.full((batch,), sigma),
+            "guidance": torch.full((batch,), 3.5)}
+
+
+def pack(x):
+    """FLUX latents [B, 16, H, W] → tokens [B, HW/4, 64], as diffusers' pipeline and ComfyUI both patchify."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+def flux_ids():
+    ids = torch.zeros(SIDE // 2, SIDE // 2, 3)
+    ids[..., 1] = torch.arange(SIDE // 2)[:, None]
+    ids[..., 2] = torch.arange(SIDE // 2)[None, :]
+    return ids.reshape(-1, 3), torch.zeros(TXT, 3)
+
+
+def dforward(model, family, inp):
+    with torch.no_grad():
+        if family == "flux":
+            img_ids, txt_ids = (t.to(inp["x"].device) for t in flux_ids())
+            return model(hidden_states=pack(inp["x"]), encoder_hidden_states=inp["ctx"], pooled_projections=inp["y"],
+                         timestep=inp["sigma"], img_ids=img_ids, txt_ids=txt_ids, guidance=inp["guidance"],
+                         return_dict=False)[0]
+        return model(hidden_states=inp["x"], encoder_hidden_states=inp["ctx"], pooled_projections=inp["y"],
+                     timestep=inp["sigma"] * 1000, return_dict=False)[0]
+
+
+class Adapter:
+    """One model call through one adapter: `run` steers with dictionary `d` (optional), records the streams
+    at `rec` (names) and returns (output, {name: stream}). `steps` puts the call at progress
+    (1 − sigma) of an n-step linear schedule; `halves` is the batch layout ("uncond", "cond")."""
+
+    def __init__(self, name, family, model):
+        self.name, self.family, self.model = name, family, model
+
+    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None):
+        raise NotImplementedError
+
+
+class DiffusersAdapter(Adapter):
+    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None):
+        got = {}
+        schedule = None if steps is None else 1000 * torch.linspace(1, 0, steps + 1)[:-1]
+        with contextlib.ExitStack() as stack:
+            if d is not None:
+                stack.enter_context(steer(self.model, d, cfg, positions, schedule=schedule, halves=halves))
+            if rec:
+                stack.enter_context(record(self.model, list(rec),
+                                           lambda p, x, info: got.__setitem__(p.name, x.clone())))
+            out = dforward(self.model, self.family, inp)
+        return out, got
+
+
+class ComfyAdapter(Adapter):
+    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None):
+        got = {}
+        patcher = self.model
+        dm = patcher.model.diffusion_model
+        if d is not None:  # what the Apply Steering node does
+            layout = comfyui.layout_of(dm)
+            chosen = parse_list(positions if isinstance(positions, str) else ",".join(positions), d.positions)
+            d.check_layout(layout, chosen)
+            store = SteeringStore({p: d.entries[p].steerer() for p in chosen})
+            patcher = comfyui.steer_model(patcher, store, chosen, cfg, layout)
+        if rec:
+            patcher = comfyui.recording_model(patcher, [parse(n) for n in rec],
+                                              lambda p, x, to: got.__setitem__(p.name, x.clone()))
+        to = dict(patcher.model_options["transformer_options"], wrappers=patcher.wrappers)
+        if steps is not None:
+            to["sample_sigmas"], to["sigmas"] = torch.linspace(1, 0, steps + 1), inp["sigma"]
+        if halves is not None:
+            to["cond_or_uncond"] = [HALVES[h] for h in halves]
+        with torch.no_grad():
+            if self.family == "flux":
+                out = pack(dm(inp["x"], inp["sigma"], inp["ctx"], y=inp["y"], guidance=inp["guidance"],
+                              transformer_options=to))
+            else:
+                out = dm(inp["x"], inp["sigma"] * 1000, inp["ctx"], y=inp["y"], transformer_options=to)
+        return out, got
+
+
+ADAPTERS = ["diffusers", pytest.param("comfy", marks=pytest.mark.comfy)]
+FAMILIES = ["flux", "sd3"]
+
+
+@pytest.fixture
+def adapter(request, dmodels):
+    def make(name, family):
+        if name == "diffusers":
+            return DiffusersAdapter(name, family, dmodels[family])
+        return ComfyAdapter(name, family, request.getfixturevalue("cmodels")[family])
+    return make
+
+
+def firing(family, names=None, **kw):
+    return make_dictionary(family, WIDTH[family], names or ALL[family], **kw)
+
+
+STEER = SteeringConfig(blend=1.0, repel=1.0)
+
+
+# ------------------------------------------------------------------------ shared properties (both adapters)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_identity_at_zero_strength_is_bit_exact(adapter, name, family):
+    a = adapter(name, family)
+    inp = inputs(2)
+    base, rec = a.run(inp, rec=ALL[family])
+    out, rec0 = a.run(inp, firing(family), SteeringConfig(blend=0.0, repel=0.0), rec=ALL[family])
+    assert torch.equal(out, base)
+    assert rec0.keys() == rec.keys() and all(torch.equal(rec0[k], rec[k]) for k in rec)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_steering_changes_output_only_when_harmful_latents_fire(adapter, name, family):
+    a = adapter(name, family)
+    inp = inputs(1)
+    base, _ = a.run(inp)
+    assert not torch.equal(a.run(inp, firing(family), STEER)[0], base)
+    assert torch.equal(a.run(inp, firing(family, fire=False), STEER)[0], base)
+    assert torch.equal(a.run(inp, firing(family), STEER.with_(threshold=1e6))[0], base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_hooks_run_at_exactly_the_chosen_positions(adapter, name, family, monkeypatch):
+    d = firing(family)
+    owner = {id(e.sae): p.name for p, e in d.entries.items()}
+    calls = []
+    orig = PositionSteerer.steer
+
+    def spy(self, x, cfg, rows=None):
+        out = orig(self, x, cfg, rows)
+        calls.append((owner[id(self.sae)], x.shape[1], out is not x))
+        return out
+
+    monkeypatch.setattr(PositionSteerer, "steer", spy)
+    chosen = {"flux": ["double.0.img", "double.1.txt", "single.0.txt", "single.1.img"],
+              "sd3": ["joint.0.txt", "joint.1.img"]}[family]
+    adapter(name, family).run(inputs(2), d, STEER, positions=",".join(chosen))
+    tokens = {p: TXT if p.endswith("txt") else IMG for p in chosen}
+    assert sorted(calls) == sorted((p, n, True) for p, n in tokens.items())  # once each, and each steered
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_recorded_streams_have_the_model_shapes(adapter, name, family):
+    _, got = adapter(name, family).run(inputs(2), rec=ALL[family])
+    assert sorted(got) == sorted(ALL[family])
+    for p, x in got.items():
+        assert x.shape == (2, TXT if p.endswith("txt") else IMG, WIDTH[family]), p
+
+
+CASES = [(f, p) for f in FAMILIES for p in ALL[f]]
+
+
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("name", ADAPTERS)
+@given(case=st.sampled_from(CASES), q=st.floats(0.2, 0.8), blend=st.floats(0.0, 1.0), repel=st.floats(0.0, 3.0),
+       seed=st.integers(0, 100))
+def test_the_block_output_is_exactly_the_steered_stream(adapter, name, case, q, blend, repel, seed):
+    """Steering one position alone: its stream becomes PositionSteerer.steer of the unsteered stream, bit for
+    bit; tokens at or below the gate τ (a quantile of their harmful mass) keep their values exactly."""
+    family, pos = case
+    a = adapter(name, family)
+    d = firing(family, [pos], seed=seed)
+    inp = inputs(1, seed=seed)
+    _, before = a.run(inp, rec=[pos])
+    x = before[pos]
+    steerer = d.entries[parse(pos)].steerer()
+    mass = steerer.harmful_mass(x)
+    cfg = SteeringConfig(blend=blend, repel=max(repel, 0.1), threshold=float(mass.flatten().quantile(q)))
+    _, after = a.run(inp, d, cfg, rec=[pos])
+    assert torch.equal(after[pos], steerer.steer(x, cfg))
+    kept = mass <= cfg.threshold
+    assert kept.any() and (~kept).any()
+    assert torch.equal(after[pos][kept], x[kept])
+    assert not torch.equal(after[pos][~kept], x[~kept])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_window_follows_the_schedule(adapter, name, family):
+    a = adapter(name, family)
+    inp = inputs(1, sigma=0.5)  # step 2 of 4: progress 0.5
+    base, _ = a.run(inp)
+    d = firing(family)
+    assert not torch.equal(a.run(inp, d, STEER.with_(start=0.5, end=1.0), steps=4)[0], base)
+    assert torch.equal(a.run(inp, d, STEER.with_(start=0.0, end=0.5), steps=4)[0], base)
+    assert torch.equal(a.run(inp, d, STEER.with_(start=0.75, end=1.0), steps=4)[0], base)
+    assert not torch.equal(a.run(inp, d, STEER.with_(start=0.75, end=1.0))[0], base)  # no schedule: steer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_apply_to_steers_only_its_half(adapter, name, family):
+    a = adapter(name, family)
+    inp = inputs(2)
+    base, _ = a.run(inp)
+    d = firing(family)
+    layout = ("uncond", "cond")
+    cond, _ = a.run(inp, d, STEER.with_(apply_to="cond"), halves=layout)
+    uncond, _ = a.run(inp, d, STEER.with_(apply_to="uncond"), halves=layout)
+    assert torch.equal(cond[0], base[0]) and not torch.equal(cond[1], base[1])
+    assert torch.equal(uncond[1], base[1]) and not torch.equal(uncond[0], base[0])
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_mismatched_dictionaries_are_rejected_with_the_same_message(adapter, name):
+    cases = [
+        ("flux", make_dictionary("flux", 32, ["double.0.img"]), r"double\.0\.img has width 32 in the dictionary but 64"),
+        ("flux", make_dictionary("flux", 64, ["double.5.img"]), r"double\.5\.img: the model has 2 double blocks"),
+        ("flux", make_dictionary("sd3", 64, ["joint.0.img"]), r"made for SD3, but the model is FLUX"),
+        ("sd3", make_dictionary("sd3", 128, ["joint.1.txt"]), r"joint\.1\.txt: the last joint block outputs no text"),
+        ("flux", make_dictionary("flux", 64, ["single.1.txt"]), r"single\.1\.txt: FLUX discards the text tokens"),
+    ]
+    for family, d, message in cases:
+        with pytest.raises(DictionaryError, match=message):
+            adapter(name, family).run(inputs(1), d, STEER)
+    with pytest.raises(PositionError, match=r"single\.0\.img .*not in the dictionary"):
+        adapter(name, "flux").run(inputs(1), firing("flux", ["double.0.img"]), STEER, positions="single.0.img")
+
+
+# ------------------------------------------------------------------------------ the two adapters agree
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_and_comfyui_agree_unsteered_and_steered(adapter, family):
+    """Equal weights and inputs: the same block outputs and model output, unsteered and with one dictionary."""
+    dif, com = adapter("diffusers", family), adapter("comfy", family)
+    inp = inputs(2, sigma=0.5)
+    d = firing(family)
+    for kw in ({}, {"d": d, "cfg": STEER.with_(start=0.25), "steps": 4}):
+        (out_d, rec_d), (out_c, rec_c) = dif.run(inp, rec=ALL[family], **kw), com.run(inp, rec=ALL[family], **kw)
+        assert sorted(rec_d) == sorted(rec_c) == sorted(ALL[family])
+        for p in ALL[family]:
+            torch.testing.assert_close(rec_d[p], rec_c[p], atol=1e-4, rtol=1e-4, msg=lambda m, p=p: f"{p}: {m}")
+        torch.testing.assert_close(out_d, out_c, atol=1e-4, rtol=1e-4)
+    base, _ = dif.run(inp)
+    assert not torch.equal(out_d, base)  # the second round did steer
+
+
+# -------------------------------------------------------------------------------- diffusers adapter only
+
+
+def no_hooks(model) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_are_removed_on_exit_and_on_errors(dmodels, family, tmp_path):
+    m = dmodels[family]
+    inp = inputs(1)
+    base = dforward(m, family, inp)
+    path = tmp_path / "d.safetensors"
+    save(firing(family), str(path))
+    with steer(m, path, STEER) as hooks:  # a file path works as well as a dictionary
+        assert hooks.handles and not no_hooks(m)
+        assert not torch.equal(dforward(m, family, inp), base)
+    assert no_hooks(m) and not hooks.handles
+    assert torch.equal(dforward(m, family, inp), base)
+
+    def boom(p, x, info):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"), steer(m, path, STEER), record(m, "all", boom):
+        dforward(m, family, inp)
+    assert no_hooks(m)
+    # raised by a hook, inside the forward: a batch of 1 for a 2-chunk layout
+    cond_only = steer(m, path, STEER.with_(apply_to="cond"), halves=("uncond", "cond"))
+    with pytest.raises(ValueError, match="cannot be split into 2"), cond_only:
+        dforward(m, family, inp)
+    assert no_hooks(m)
+    assert torch.equal(dforward(m, family, inp), base)
+
+
+def test_positions_are_checked_against_the_transformer(dmodels):
+    flux, sd3 = dmodels["flux"], dmodels["sd3"]
+    for model, names, message in [
+        (flux, "double.2.img", (r"double\.2\.img: the model has 2 double blocks .*this transformer has 2 double, "
+                                r"2 single blocks of width 64")),
+        (flux, ["single.1.txt"], r"single\.1\.txt: FLUX discards"),
+        (flux, "joint.0.img", r"joint\.0\.img belongs to SD3, but the model is FLUX"),
+        (sd3, "joint.0.img, joint.1.txt", r"joint\.1\.txt: the last joint block outputs no text .*2 joint blocks"),
+        (sd3, "double.0.img", r"belongs to FLUX, but the model is SD3"),
+        (sd3, "joint.0.image", r"bad position name 'joint\.0\.image'"),
+    ]:
+        with pytest.raises(PositionError, match=message):
+            record(flux if model is flux else sd3, names, print)
+        assert no_hooks(model)
+    with pytest.raises(ValueError, match=r"FluxTransformer2DModel and SD3Transformer2DModel; got a Linear"):
+        layout_of(torch.nn.Linear(2, 2))
+    assert layout_of(sd3).last_txt_absent and layout_of(flux).blocks == {"double": 2, "single": 2}
+
+
+def test_apply_to_needs_a_batch_layout(dmodels):
+    with pytest.raises(ValueError, match=r"apply_to='cond' needs the batch layout: pass halves"):
+        steer(dmodels["sd3"], firing("sd3"), STEER.with_(apply_to="cond"))
+    with pytest.raises(ValueError, match=r"halves=\['positive'\]"):
+        steer(dmodels["sd3"], firing("sd3"), STEER, halves="positive")
+    assert no_hooks(dmodels["sd3"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_progress_from_the_scheduler_and_by_hand(dmodels, family):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    m = dmodels[family]
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(4)  # 1000, 667, 334, 1
+    seen = []
+    d = firing(family)
+    for step, t in enumerate(sched.timesteps):
+        inp = inputs(1, sigma=float(t) / 1000)
+        with record(m, ALL[family][:1], lambda p, x, info: seen.append(info), schedule=sched):
+            base = dforward(m, family, inp)
+        with steer(m, d, STEER.with_(start=0.5), schedule=sched) as hooks:
+            assert torch.equal(dforward(m, family, inp), base) == (step < 2)
+            hooks.set_progress(0.9)
+            assert not torch.equal(dforward(m, family, inp), base)
+            hooks.set_progress(0.0)
+            assert torch.equal(dforward(m, family, inp), base)
+    assert [i["progress"] for i in seen] == [0.0, 0.25, 0.5, 0.75]
+    assert [round(i["timestep"]) for i in seen] == [1000, 667, 334, 1]
+    with (pytest.raises(ValueError, match=r"timestep 500 .* is not in the steering schedule \[1 .. 1000\]"),
+          steer(m, d, STEER, schedule=sched)):
+        dforward(m, family, inputs(1, sigma=0.5))
+
+
+class JoinedSingle(torch.nn.Module):
+    """diffusers' older FluxSingleTransformerBlock contract: one sequence [txt | img] in, one out."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states, temb, image_rotary_emb=None):
+        return self.block(hidden_states=hidden_states, encoder_hidden_states=hidden_states[:, :0], temb=temb,
+                          image_rotary_emb=image_rotary_emb)[1]
+
+
+class JoinedFlux(torch.nn.Module):
+    """A FLUX transformer with the older single-block loop (join, run the single blocks, drop the text),
+    sharing the weights of a current one."""
+
+    def __init__(self, flux):
+        super().__init__()
+        self.flux, self.inner_dim = flux, flux.inner_dim
+        self.transformer_blocks = flux.transformer_blocks
+        self.single_transformer_blocks = torch.nn.ModuleList(JoinedSingle(b) for b in flux.single_transformer_blocks)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+                return_dict=False):
+        f = self.flux
+        img, txt = f.x_embedder(hidden_states), f.context_embedder(encoder_hidden_states)
+        temb = f.time_text_embed(timestep * 1000, guidance * 1000, pooled_projections)
+        rope = f.pos_embed(torch.cat([txt_ids, img_ids]))
+        for block in self.transformer_blocks:
+            txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope)
+        seq = torch.cat([txt, img], dim=1)
+        for block in self.single_transformer_blocks:
+            seq = block(seq, temb, rope)
+        return (f.proj_out(f.norm_out(seq[:, txt.shape[1]:], temb)),)
+
+
+def test_joined_single_blocks_of_older_diffusers(dmodels):
+    flux = dmodels["flux"]
+    joined = JoinedFlux(flux)
+    inp = inputs(2)
+    names = ["single.0.txt", "single.0.img", "single.1.img", "double.1.txt"]
+    d = firing("flux", names)
+    runs = {}
+    for model in (flux, joined):
+        got = {}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(steer(model, d, STEER, positions="single.0.txt, single.1.img"))
+            stack.enter_context(record(model, names, lambda p, x, info, got=got: got.__setitem__(p.name, x.clone())))
+            runs[model is joined] = dforward(model, "flux", inp), got
+        assert no_hooks(model)
+    (out_new, rec_new), (out_old, rec_old) = runs[False], runs[True]
+    for p in names:
+        torch.testing.assert_close(rec_old[p], rec_new[p], atol=1e-5, rtol=1e-5)
+        assert rec_old[p].shape == (2, TXT if p.endswith("txt") else IMG, 64)
+    torch.testing.assert_close(out_old, out_new, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out_new, dforward(flux, "flux", inp))
+
+
+def test_low_precision_model(dmodels):
+    m = copy.deepcopy(dmodels["sd3"]).to(torch.bfloat16)
+    inp = {k: v.to(torch.bfloat16) for k, v in inputs(1).items()}
+    base = dforward(m, "sd3", inp)
+    d = firing("sd3")
+    got = {}
+    with steer(m, d, STEER), record(m, ["joint.0.img"], lambda p, x, info: got.__setitem__(p.name, x)):
+        out = dforward(m, "sd3", inp)
+    assert out.dtype == got["joint.0.img"].dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert not torch.equal(out, base)
+    assert d.entries[parse("joint.0.img")].sae.W_enc.dtype == torch.float32  # the master copy is untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_model_steers_like_the_cpu_one(dmodels):
+    d = firing("flux")
+    inp = inputs(1)
+    with steer(dmodels["flux"], d, STEER):
+        ref = dforward(dmodels["flux"], "flux", inp)
+    m = copy.deepcopy(dmodels["flux"]).cuda()
+    with steer(m, d, STEER):
+        out = dforward(m, "flux", {k: v.cuda() for k, v in inp.items()})
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-3)
+    assert d.entries[parse("double.0.img")].sae.W_enc.device.type == "cpu"  # the master weights stay put
