@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(run=_inspect)
     p = sub.add_parser("demo", help="the whole pipeline on the built-in testbed DiT: collect, route, train, adapt, "
-                                     "steer, evaluate; prints the table and writes report.json, grid.png, routing.png")
+                                     "steer, evaluate; prints the table and writes report.json, grid.png, routing.png, features.png, feature_map.png")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--seed", type=int, default=0, help="every random choice follows it")
     p.add_argument("--quick", action="store_true", help="smaller prompt sets and shorter training (CI)")

@@ -39,7 +39,12 @@ def test_report_structure_and_pictures(report):
     assert rep["seconds"] > 0 and rep["threshold_calibration"]
     for name in rep["routing"]["selected"]:
         assert 0.0 <= rep["dictionary"][name]["spliced_rel_change"] < 1.0
-    for picture in ("grid.png", "routing.png"):
+    pictures = ["grid.png", "routing.png", "features.png"]
+    if any(name.endswith(".img") for name in rep["routing"]["selected"]):
+        pictures.append("feature_map.png")
+        assert all(v >= 0 for peaks in rep["feature_map_peaks"].values() for v in peaks.values())
+        assert rep["feature_map_peaks"]
+    for picture in pictures:
         with open(out / picture, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
