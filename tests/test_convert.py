@@ -1,8 +1,10 @@
-"""`safedig convert`: SAEs saved by SAE-Lens and sparsify (the real libraries) and by dictionary_learning and
-OpenAI's sparse_autoencoder (plain state dicts, checked against their forwards written out below) encode and
+"""`safedig convert`: SAEs saved by SAE-Lens, sparsify and dictionary_learning (the real libraries; dictionary_learning
+also as plain state dicts) and by OpenAI's sparse_autoencoder (not on PyPI: plain state dicts checked against its
+forward written out below) encode and
 decode as in their source; bad and hostile files are refused in one line; converted files steer."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -281,6 +283,55 @@ def test_dictionary_learning_topk_without_config_needs_k(tmp_path, capsys):
     assert rc == 2 and "AutoEncoderTopK (per-token TopK) and BatchTopKSAE" in err and "--k" in err
     mine = converted_sae(convert(tmp_path / "ae.pt", "dictionary_learning", tmp_path / "o.safetensors", "--k", 3))
     assert_close(mine.encode(inputs(6, 8)), dl_forward("AutoEncoderTopK", sd, inputs(6, 8))[0])
+
+
+@functools.cache
+def real_dictionary_learning():
+    """saprmarks' dictionary_learning 0.1.0 (installed --no-deps by the setup): its package __init__ imports the
+    activation buffer (nnsight), so its modules are imported without running it; they need only torch/einops."""
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("dictionary_learning")
+    if spec is None:
+        pytest.skip("dictionary_learning is not installed (scripts/setup.sh installs it)")
+    root = spec.submodule_search_locations[0]
+    for name, path in (("dictionary_learning", root), ("dictionary_learning.trainers", os.path.join(root, "trainers"))):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+    from dictionary_learning.dictionary import AutoEncoder, AutoEncoderNew, JumpReluAutoEncoder
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    return {c.__name__: c for c in (AutoEncoder, AutoEncoderNew, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE)}
+
+
+@pytest.mark.parametrize("kind", ["AutoEncoder", "AutoEncoderNew", "JumpReluAutoEncoder", "AutoEncoderTopK",
+                                  "BatchTopKSAE"])
+def test_dictionary_learning_real_classes(tmp_path, kind):
+    """Files saved from the library's own classes encode and decode as those classes do."""
+    cls = real_dictionary_learning()[kind]
+    d, L, k = 12, 40, 4
+    ae = cls(d, L, k) if "TopK" in kind else cls(d, L)
+    randomize(ae, seed=11)
+    with torch.no_grad():
+        if kind == "JumpReluAutoEncoder":
+            ae.threshold.copy_(torch.rand(L) * 0.5)
+        if kind == "BatchTopKSAE":
+            ae.threshold.fill_(0.3)
+    torch.save(ae.state_dict(), tmp_path / "ae.pt")
+    if "TopK" in kind:
+        (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": kind, "k": k}}))
+    mine = converted_sae(convert(tmp_path / "ae.pt", "dictionary_learning", tmp_path / "o.safetensors"))
+    x = inputs(d, 11)
+    with torch.no_grad():
+        f = ae.encode(x)
+        assert_close(mine.encode(x), f)
+        assert_close(mine.decode(mine.encode(x)), ae.decode(f))
+    assert (f > 0).any() and (f == 0).any()
 
 
 # ---------------------------------------------------------------- OpenAI sparse_autoencoder (reference forward)
