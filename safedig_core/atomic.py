@@ -1,8 +1,11 @@
 """Crash-safe file writing shared by every module that saves something a user made (stores, checkpoints,
-dictionaries, reports): write a temporary file beside the target, fsync, `os.replace`, fsync the folder."""
+dictionaries, reports, pictures): write a temporary file beside the target, fsync, `os.replace`, fsync the
+folder. A reader sees the old file or the new one, never a truncated one."""
 from __future__ import annotations
 
 import os
+import secrets
+from contextlib import contextmanager
 
 
 def fsync_dir(path: str) -> None:
@@ -17,3 +20,55 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _tmp_parts(path: str) -> tuple[str, str]:
+    return f".{os.path.basename(path)}.", ".tmp"
+
+
+@contextmanager
+def replacing(path: str):
+    """Yield a temporary path beside `path` for the caller to write; on success it is fsynced and moved over
+    `path`, on any error removed. Temporary names are `.<name>.<random>.tmp` (see `remove_stale`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    prefix, suffix = _tmp_parts(path)
+    while True:  # like mkstemp, but with the umask's permissions (mkstemp's 0600 would hide the file from others)
+        tmp = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale(path: str) -> None:
+    """Remove temporary files `replacing(path)` left behind when a process was killed mid-write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix, suffix = _tmp_parts(path)
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(suffix):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .images import ImageError, list_images, read_rgb, write_atomic
+from .atomic import write_text
+from .images import ImageError, list_images, read_rgb
 
 NUDITY_CLASSES = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED",
                   "ANUS_EXPOSED")
@@ -254,5 +255,5 @@ def run_cli(args) -> None:
         results = evaluate_files(det, files, classes, threshold, progress=lambda i, n: bar.update(1))
     print(summary(results, classes, threshold, det.name))
     if args.csv:
-        write_atomic(args.csv, csv_text(results, classes).encode("utf-8"))
+        write_text(args.csv, csv_text(results, classes))
         print(f"wrote {args.csv}")

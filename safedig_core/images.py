@@ -1,6 +1,6 @@
 """Image files in and out for evaluation and pictures: find the images a user names (files and folders),
-read them as RGB, convert ComfyUI IMAGE tensors, and write outputs atomically (temporary file beside the
-target, fsync, `os.replace`, fsync the folder), so an interrupted run never leaves a truncated file."""
+read them as RGB, convert ComfyUI IMAGE tensors, render matplotlib figures, and write PNGs atomically
+(`atomic.write_bytes`), so an interrupted run never leaves a truncated file."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .atomic import fsync_dir
+from .atomic import write_bytes
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -69,23 +69,6 @@ def to_tensor(arrays: list[np.ndarray]):
     return torch.from_numpy(np.stack(arrays)).float().div(255)
 
 
-def write_atomic(path: str, data: bytes) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(folder)
-    return path
-
-
 def png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -96,7 +79,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def save_png(path: str, array: np.ndarray) -> str:
     """Write uint8 [H, W, 3] as a PNG, atomically; returns the path."""
-    return write_atomic(path, png_bytes(array))
+    return write_bytes(path, png_bytes(array))
 
 
 def figure_png(fig, dpi: int = 100) -> bytes:

@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from .images import ImageError, figure_png, list_images, png_bytes, read_rgb, write_atomic
+from .atomic import write_bytes
+from .images import ImageError, figure_png, list_images, png_bytes, read_rgb
 
 _HEADLINE = ("fvu", "l0", "dead_frac", "auroc", "separation")  # metrics shown in a features panel title, if present
 
@@ -56,7 +57,7 @@ def features_figure(d, top: int = 8):
 def plot_features(dict_path: str, out: str) -> str:
     from . import dictionary
 
-    return write_atomic(out, figure_png(features_figure(dictionary.load(dict_path)), dpi=100))
+    return write_bytes(out, figure_png(features_figure(dictionary.load(dict_path)), dpi=100))
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -85,11 +86,11 @@ def plot_routing(json_path: str, out: str) -> str:
         try:
             routing.plot_report(report, tmp)
             with open(tmp, "rb") as f:
-                return write_atomic(out, f.read())
+                return write_bytes(out, f.read())
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    return write_atomic(out, figure_png(_scores_figure(scores, data.get("selected") or [], json_path)))
+    return write_bytes(out, figure_png(_scores_figure(scores, data.get("selected") or [], json_path)))
 
 
 def _scores_figure(scores: list[dict], selected: list[str], title: str):
@@ -185,7 +186,7 @@ def plot_grid(before_dir: str, after_dir: str, out: str, labels: list[str] | Non
               size: int = 128) -> tuple[str, list[str]]:
     items, unpaired = pairs(before_dir, after_dir)
     lookup = _label_lookup(labels) if labels else None
-    return write_atomic(out, png_bytes(grid_image(items, lookup, cols, size))), unpaired
+    return write_bytes(out, png_bytes(grid_image(items, lookup, cols, size))), unpaired
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -77,6 +77,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .atomic import replacing, write_text
 from .positions import FAMILIES, ModelLayout, Position, depth, group, parse
 
 __all__ = [
@@ -253,12 +254,8 @@ class RoutingReport:
 
     def save(self, out_dir: str) -> tuple[str, str]:
         """Write `routing.json` and `routing.png` into `out_dir` (each atomically); return their paths."""
-        os.makedirs(out_dir, exist_ok=True)
         js, png = os.path.join(out_dir, "routing.json"), os.path.join(out_dir, "routing.png")
-        tmp = js + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, js)
+        write_text(js, self.to_json())
         plot_report(self, png)
         return js, png
 
@@ -723,7 +720,6 @@ def plot_report(report: RoutingReport, path: str) -> str:
                  f"{len(report.categories)} source categories, {report.safe_prompts} safe prompts", fontsize=10.5)
     legend_rows = math.ceil(len(handles) / 6)
     fig.tight_layout(rect=(0, 0.035 * legend_rows + 0.02, 1, 1))
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path

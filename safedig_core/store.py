@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from .atomic import fsync_dir
+from .atomic import replacing, write_bytes
 from .positions import Position, parse
 from .prompts import PromptRecord
 
@@ -67,21 +67,6 @@ def shard_name(k: int) -> str:
 
 
 # --- files ---------------------------------------------------------------------------------------------
-
-def _tmp(path: str) -> str:
-    d, name = os.path.split(path)
-    return os.path.join(d, f".{name}.tmp")
-
-
-def _atomic_bytes(path: str, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -443,7 +428,7 @@ class StoreWriter:
         if foreign:
             raise StoreError(f"{self.path} is not empty and is not an activation store (it holds "
                              f"{', '.join(sorted(foreign)[:5])}); choose another output folder")
-        _atomic_bytes(os.path.join(self.path, PROMPTS), lines)
+        write_bytes(os.path.join(self.path, PROMPTS), lines)
         self._write_manifest()
 
     def _resume(self, m: dict) -> None:
@@ -511,7 +496,7 @@ class StoreWriter:
         return {**self.head, "complete": self.complete, "shards": [self.shards[k] for k in sorted(self.shards)]}
 
     def _write_manifest(self) -> None:
-        _atomic_bytes(os.path.join(self.path, MANIFEST), _json_bytes(self.manifest()))
+        write_bytes(os.path.join(self.path, MANIFEST), _json_bytes(self.manifest()))
 
     # writing
     def add(self, i: int, rows: dict, pooled: dict) -> None:
@@ -577,12 +562,10 @@ class StoreWriter:
             del parts
         name = shard_name(k)
         path = os.path.join(self.path, name)
-        tmp = _tmp(path)
-        digest, size = _write_safetensors(tmp, tensors, {"safedig_activations": f"format {FORMAT}, shard {k}, "
-                                                                               f"prompts {lo}:{hi}"})
-        del tensors, buf
-        os.replace(tmp, path)
-        fsync_dir(self.path)
+        with replacing(path) as tmp:
+            digest, size = _write_safetensors(tmp, tensors, {"safedig_activations": f"format {FORMAT}, shard {k}, "
+                                                                                   f"prompts {lo}:{hi}"})
+            del tensors, buf
         self.shards[k] = {"file": name, "sha256": digest, "bytes": size, "prompts": [lo, hi], "rows": counts}
         self._write_manifest()
 

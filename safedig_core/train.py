@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -46,7 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn import functional as F
 
-from .atomic import fsync_dir
+from .atomic import remove_stale, replacing, write_text
 from .sae import SparseAutoencoder
 
 CKPT_FORMAT = 1
@@ -279,38 +278,11 @@ def decode_scaled(sae: SparseAutoencoder, vals: Tensor, idx: Tensor, bias: bool 
 
 
 
-def _tmp_prefix(path: str) -> str:
-    return f".{os.path.basename(path)}.tmp-"
-
-
-def remove_stale_tmp(path: str) -> None:
-    """Delete temporary files a killed writer of `path` left behind (named after `path`)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(_tmp_prefix(path)):
-                try:
-                    os.remove(os.path.join(folder, name))
-                except OSError:
-                    pass
-
-
 def atomic_save(tensors: dict[str, Tensor], meta: dict, path: str, key: str = CKPT_KEY) -> None:
     """safetensors file with JSON metadata under `key`, written to a temporary name, fsynced, renamed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(path))
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata={key: json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_checkpoint(path, sae, opt, params, state: dict, meta: dict) -> None:
@@ -406,7 +378,7 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
 
     meta = tensors = None
     if checkpoint:
-        remove_stale_tmp(checkpoint)
+        remove_stale(checkpoint)
     if checkpoint and resume and os.path.exists(checkpoint):
         meta, tensors = read_checkpoint(checkpoint)
         if d is not None and meta["d"] != d:
@@ -555,7 +527,7 @@ def _open_log(log: str | None, resume_step: int | None) -> list[dict]:
     """Fresh run: empty the log. Resume: keep the entries up to the checkpoint's step."""
     if not log:
         return []
-    remove_stale_tmp(log)
+    remove_stale(log)
     kept = []
     if resume_step is not None and os.path.exists(log):
         with open(log) as f:
@@ -566,12 +538,7 @@ def _open_log(log: str | None, resume_step: int | None) -> list[dict]:
                     continue
                 if e.get("step", math.inf) <= resume_step:
                     kept.append(e)
-    folder = os.path.dirname(os.path.abspath(log))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(log))
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in kept)
-    os.replace(tmp, log)
+    write_text(log, "".join(json.dumps(e) + "\n" for e in kept))
     return kept
 
 

@@ -108,7 +108,7 @@ def test_round_trip(tmp_path, dtype, family):
         assert b.safe_values == e.safe_values
         assert b.metrics == e.metrics
     assert back.default_config() == SteeringConfig(blend=0.8, repel=1.5, threshold=0.1, apply_to="cond")
-    assert [f for f in os.listdir(tmp_path / "sub") if f.startswith(".tmp-")] == []
+    assert [f for f in os.listdir(tmp_path / "sub") if f.endswith(".tmp")] == []
 
 
 def test_round_trip_steers_the_same(tmp_path):

@@ -168,7 +168,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     ra = [json.loads(x) for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in log.read_text().splitlines()]
     assert ra == rb and len(ra) == cfg.steps // cfg.log_every
-    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 # --- bad input ----------------------------------------------------------------------------------------

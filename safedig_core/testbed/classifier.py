@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import replacing
 from . import ASSETS
 from . import world as W
 
@@ -133,12 +134,10 @@ def evaluate(clf: Classifier, seed: int = 10_000, n: int = 2000, augmented: bool
 def save(clf: Classifier, path: str = PATH, meta: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp,
-              metadata={"classes": json.dumps(list(CLASSES)), "backgrounds": json.dumps(list(W.BG_NAMES)),
-                        **{k: json.dumps(v) for k, v in (meta or {}).items()}})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp,
+                  metadata={"classes": json.dumps(list(CLASSES)), "backgrounds": json.dumps(list(W.BG_NAMES)),
+                            **{k: json.dumps(v) for k, v in (meta or {}).items()}})
 
 
 _LOADED: dict = {}

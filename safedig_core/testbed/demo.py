@@ -21,6 +21,7 @@ import torch
 
 from .. import comfyui, feature_map, plots
 from ..adapt import AdaptConfig
+from ..atomic import write_text
 from ..baselines import DiffMeansSteerer, WordFilter
 from ..build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
 from ..collect import ComfyRunner, collect
@@ -333,8 +334,7 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
         "feature_map_peaks": peaks,  # max harmful mass (gate units) per shown prompt and image-stream position
         "seconds": round(time.time() - t0, 1),
     }
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
     log(table(report, results))
     return report
 

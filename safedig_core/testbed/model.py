@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from ..atomic import replacing
 from . import ASSETS
 from .text import MAX_TOKENS, WIDTH
 
@@ -134,10 +135,8 @@ def save_dit(net: torch.nn.Module, path: str, arch: dict, extra: dict | None = N
     sd = {k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items()}
     meta = {"arch": json.dumps(arch), "format": "safedig-testbed-dit", "predicts": "x0"}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(sd, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(sd, tmp, metadata=meta)
 
 
 def load_model_base(path: str = DIT_PATH):

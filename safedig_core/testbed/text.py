@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from ..atomic import replacing
+
 MAX_TOKENS = 20  # the longest caption of the world is 19 tokens with CLS/SEP
 WIDTH = 384
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,10 +98,8 @@ class TextEncoder:
             except (OSError, KeyError, RuntimeError, ValueError):  # unreadable cache: encode again
                 pass
         ctx, pooled = self.encode(prompts)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        save_file({"context": ctx.contiguous(), "pooled": pooled.contiguous()}, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file({"context": ctx.contiguous(), "pooled": pooled.contiguous()}, tmp)
         return ctx, pooled
 
 

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from ..atomic import replacing, write_text
 from . import ASSETS
 from . import world as W
 from .model import ARCH, build_model, sample_x0, save_dit, to_image
@@ -90,9 +91,8 @@ def lr_at(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -
 
 
 def _save_ckpt(path, state):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _preview(net, data: Data, path: str, steps: int = 20, cfg: float = 3.0):
@@ -216,10 +216,7 @@ def train(seed: int = 0, steps: int = 4000, minutes: float = 60.0, batch: int = 
     log_out = os.path.join(os.path.dirname(os.path.abspath(out)), "dit_train_log.jsonl")
     with open(log_path) as f:
         recs = [json.loads(ln) for ln in f if ln.strip()]
-    with open(log_out + ".tmp", "w") as f:
-        f.write(json.dumps({"config": config, "parameters": n_params}) + "\n")
-        f.writelines(json.dumps(r) + "\n" for r in recs)
-    os.replace(log_out + ".tmp", log_out)
+    write_text(log_out, "".join(json.dumps(r) + "\n" for r in [{"config": config, "parameters": n_params}] + recs))
     _preview(final, data, os.path.join(work, "preview_final.png"))
     summary = {"steps": step, "minutes": round(spent / 60, 2), "final_loss": recs[-1]["loss"] if recs else None,
                "out": out, "bytes": os.path.getsize(out)}
