@@ -26,9 +26,9 @@ from typing import Protocol
 
 import torch
 
+from .comfy_patch import step_of
 from .positions import ModelLayout, Position, PositionError, parse
 from .prompts import PromptRecord
-from .steering import schedule_step
 from .store import StoreWriter
 
 SHARD_TARGET_BYTES = 256 << 20  # default shard size: one position of one shard is what a reader holds
@@ -190,7 +190,7 @@ class ComfyRunner:
         rows = cond_rows(x.shape[0], to.get("cond_or_uncond"))
         if rows is None:
             return
-        step = schedule_step(to.get("sigmas"), to.get("sample_sigmas"))
+        step = step_of(to)
         step = 0 if step is None else step
         if (p, step) in st["seen"]:
             return  # later model evaluations of the same step (multi-evaluation samplers)

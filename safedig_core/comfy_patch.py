@@ -17,10 +17,10 @@ import copy
 import torch
 
 from .positions import Position
-from .steering import PositionSteerer, SteeringConfig, half_rows, in_window, schedule_progress
+from .steering import PositionSteerer, SteeringConfig, half_rows, in_window, schedule_progress, schedule_step
 
 TOKEN_LAYOUT = "safedig_token_layout"  # transformer_options key: (text tokens, output image tokens)
-PROGRESS = "safedig_progress"  # transformer_options key: schedule progress of this model call
+SCHEDULE = "safedig_schedule"  # transformer_options key: (sigmas, step, progress) of this model call
 WRAPPER_KEY = "safedig"
 
 
@@ -125,15 +125,26 @@ class BlockRecorder(_BlockPatch):
         return out
 
 
-def progress_of(to: dict) -> float | None:
-    """Schedule progress of the current model call, computed once per call rather than once per patched
+def _schedule_of(to: dict) -> tuple:
+    """(sigmas, step, progress) of the current model call, computed once per call rather than once per patched
     block (it copies the schedule to the CPU). Cached with the call's own sigmas tensor, so a dict reused
     across calls never serves a stale value."""
     sigmas = to.get("sigmas")
-    cached = to.get(PROGRESS)
+    cached = to.get(SCHEDULE)
     if cached is None or cached[0] is not sigmas:
-        cached = to[PROGRESS] = (sigmas, schedule_progress(sigmas, to.get("sample_sigmas")))
-    return cached[1]
+        sample = to.get("sample_sigmas")
+        cached = to[SCHEDULE] = (sigmas, schedule_step(sigmas, sample), schedule_progress(sigmas, sample))
+    return cached
+
+
+def progress_of(to: dict) -> float | None:
+    """Schedule progress of the current model call (`steering.schedule_progress`), cached per call."""
+    return _schedule_of(to)[2]
+
+
+def step_of(to: dict) -> int | None:
+    """Sampler step of the current model call (`steering.schedule_step`), cached per call."""
+    return _schedule_of(to)[1]
 
 
 def stream_span(p: Position, out: dict, to: dict):

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .comfy_patch import progress_of
+from .comfy_patch import progress_of, step_of
 from .positions import Position
-from .steering import SteeringConfig, half_rows, in_window, schedule_step
+from .steering import SteeringConfig, half_rows, in_window
 
 
 class FeatureMapError(ValueError):
@@ -44,7 +44,7 @@ class MassRecorder:
                 return
         with torch.no_grad():
             mass = self.steerers[p].harmful_mass(x).float().cpu()
-        key = (p, schedule_step(to.get("sigmas"), to.get("sample_sigmas")))
+        key = (p, step_of(to))
         acc = self.sums.get(key)
         if acc is None or acc[0].shape != mass.shape:
             self.sums[key] = [mass, 1]

@@ -13,6 +13,7 @@ from safedig_core.adapt import AdaptConfig
 from safedig_core.build import SOURCE_DICTIONARY, BuildConfig, build
 from safedig_core.collect import ComfyRunner, collect, tiny_encoder
 from safedig_core.dictionary import load
+from safedig_core.positions import parse
 from safedig_core.prompts import PromptRecord
 from safedig_core.store import ActivationStore
 from safedig_core.train import TrainConfig
@@ -112,3 +113,16 @@ def test_all_safe_store_is_refused(flux, tmp_path):
     collect(runner, safe, "double.0.img,single.0.img", str(tmp_path / "s"), 2, "0", 4, seed=0)
     with pytest.raises(ValueError, match="unsafe"):
         build(ActivationStore(str(tmp_path / "s")), str(tmp_path / "d.safetensors"), config(), progress=False)
+
+
+def test_a_position_builds_the_same_alone_or_among_others(store, tmp_path):
+    """Training, adaptation and the gate unit run per position with the same seed: the demo's fixed-layer
+    ablation therefore reuses the routed dictionary's SAE at that position instead of building it again."""
+    both = load(build(store, str(tmp_path / "both.safetensors"), config(positions=["double.0.img", "single.1.img"]),
+                      str(tmp_path / "w2"), progress=False)["dictionary"])
+    alone = load(build(store, str(tmp_path / "one.safetensors"), config(positions=["single.1.img"]),
+                       str(tmp_path / "w1"), progress=False)["dictionary"])
+    p = parse("single.1.img")
+    a, b = alone.entries[p], both.entries[p]
+    assert all(torch.equal(x, y) for x, y in zip(a.sae.state_dict().values(), b.sae.state_dict().values()))
+    assert a.harmful == b.harmful and a.scores == b.scores and a.gate_scale == b.gate_scale

@@ -57,9 +57,19 @@ def natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def subfolders_with(folder: str, filename: str) -> list[str]:
-    return sorted((os.path.join(folder, n) for n in os.listdir(folder)
-                   if os.path.isfile(os.path.join(folder, n, filename))), key=lambda p: natural_key(os.path.basename(p)))
+def read_folders(path: str, cfg: str, read_one, k: int | None, expected: str) -> list[Imported]:
+    """The SAE(s) of a library that saves one SAE per folder (with config file `cfg`): `path` is such a folder
+    (or a file in it), or a folder of them, read in natural order; `expected` describes the layout for errors."""
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    if not os.path.isdir(folder):
+        raise ConvertError(f"{path}: no such folder (expected {expected})")
+    if os.path.isfile(os.path.join(folder, cfg)):
+        return [read_one(folder, k)]
+    subs = sorted((os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, cfg))),
+                  key=lambda p: natural_key(os.path.basename(p)))
+    if not subs:
+        raise ConvertError(f"{folder}: no {cfg} here or in its subfolders (expected {expected})")
+    return [read_one(s, k) for s in subs]
 
 
 def read_safetensors(path: str) -> dict[str, Tensor]:

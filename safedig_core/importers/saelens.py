@@ -28,9 +28,9 @@ from .common import (
     fold_input_bias,
     matrices,
     no_extra,
+    read_folders,
     read_safetensors,
     relu_threshold,
-    subfolders_with,
     tensor,
     vector,
 )
@@ -43,16 +43,7 @@ HINTS = {"gated": " (a gated SAE's gate and magnitude paths cannot be written as
 
 
 def read(path: str, k: int | None = None) -> list[Imported]:
-    folder = os.path.dirname(path) if os.path.isfile(path) else path
-    if not os.path.isdir(folder):
-        raise ConvertError(f"{path}: no such folder (expected an SAE-Lens folder with {CFG} and {WEIGHTS})")
-    if os.path.isfile(os.path.join(folder, CFG)):
-        return [_read_one(folder, k)]
-    subs = subfolders_with(folder, CFG)
-    if not subs:
-        raise ConvertError(f"{folder}: no {CFG} here or in its subfolders (expected an SAE-Lens folder as "
-                           f"SAE.save_model writes it: {CFG} + {WEIGHTS})")
-    return [_read_one(s, k) for s in subs]
+    return read_folders(path, CFG, _read_one, k, f"an SAE-Lens folder as SAE.save_model writes it: {CFG} + {WEIGHTS}")
 
 
 def _config(folder: str) -> dict:

@@ -11,22 +11,13 @@ from __future__ import annotations
 import json
 import os
 
-from .common import ConvertError, Imported, matrices, no_extra, read_safetensors, subfolders_with, vector
+from .common import ConvertError, Imported, matrices, no_extra, read_folders, read_safetensors, vector
 
 CFG, WEIGHTS = "cfg.json", "sae.safetensors"
 
 
 def read(path: str, k: int | None = None) -> list[Imported]:
-    folder = os.path.dirname(path) if os.path.isfile(path) else path
-    if not os.path.isdir(folder):
-        raise ConvertError(f"{path}: no such folder (expected a sparsify folder: <hookpoint>/{CFG} + {WEIGHTS})")
-    if os.path.isfile(os.path.join(folder, CFG)):
-        return [_read_one(folder, k)]
-    subs = subfolders_with(folder, CFG)
-    if not subs:
-        raise ConvertError(f"{folder}: no {CFG} here or in its subfolders (expected a sparsify folder: "
-                           f"<hookpoint>/{CFG} + {WEIGHTS})")
-    return [_read_one(s, k) for s in subs]
+    return read_folders(path, CFG, _read_one, k, f"a sparsify folder: <hookpoint>/{CFG} + {WEIGHTS}")
 
 
 def _read_one(folder: str, k_override: int | None) -> Imported:
