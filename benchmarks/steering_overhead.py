@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safedig_core import comfyui
+from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.sae import SparseAutoencoder
 from safedig_core.steering import PositionSteerer, SteeringConfig
 

@@ -1,7 +1,7 @@
 """SafeDIG Apply Steering: a clone of the MODEL whose routed DiT blocks steer through the dictionary."""
 from __future__ import annotations
 
-from ..safedig_core.comfyui import layout_of, steer_model
+from ..safedig_core.adapters.comfy.runtime import layout_of, steer_model
 from ..safedig_core.positions import parse_list
 from ..safedig_core.steering import APPLY_TO, SteeringConfig
 from .api import CATEGORY, DICTIONARY, io

@@ -1,6 +1,6 @@
 """SafeDIG Build Dictionary: route → train → adapt over an activation store, saved into `models/sae/`.
 
-Same code path as `safedig build` (`safedig_core.build.build`). The work folder sits next to the output
+Same code path as `safedig build` (`safedig_core.pipeline.build.build`). The work folder sits next to the output
 file (`models/sae/<name>.work/`), so running the node again after an interruption resumes training from
 its checkpoints.
 """
@@ -12,11 +12,11 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..safedig_core.adapt import AdaptConfig
-from ..safedig_core.build import BuildConfig, build
-from ..safedig_core.dictionary import load, summary
-from ..safedig_core.store import ActivationStore
-from ..safedig_core.train import TrainConfig
+from ..safedig_core.pipeline.adapt import AdaptConfig
+from ..safedig_core.pipeline.build import BuildConfig, build
+from ..safedig_core.formats.dictionary import load, summary
+from ..safedig_core.formats.store import ActivationStore
+from ..safedig_core.pipeline.train import TrainConfig
 from .api import CATEGORY, io
 from .collect_activations import store_path
 from .load_dictionary import FOLDER

@@ -1,6 +1,6 @@
 """SafeDIG Collect Activations: record a MODEL's DiT activations over a prompt file into an activation store.
 
-The node and `safedig collect` share `safedig_core.collect.collect`; the node builds its runner from the
+The node and `safedig collect` share `safedig_core.pipeline.collect.collect`; the node builds its runner from the
 MODEL and CLIP sockets. Stores go to `<ComfyUI output>/safedig_activations/<output name>/` - not under
 `models/sae/`, whose `.safetensors` files are listed as dictionaries by SafeDIG Load Dictionary (the
 store's shards would appear there). Running the node again with the same inputs resumes an interrupted
@@ -16,11 +16,12 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
-from ..safedig_core import collect as core
-from ..safedig_core.comfyui import layout_of
-from ..safedig_core.prompts import load_prompts
-from ..safedig_core.prompts import summary as prompt_summary
-from ..safedig_core.store import ActivationStore, summary
+from ..safedig_core.adapters.comfy.runner import ComfyRunner, clip_encoder, model_fingerprint
+from ..safedig_core.pipeline import collect as core
+from ..safedig_core.adapters.comfy.runtime import layout_of
+from ..safedig_core.formats.prompts import load_prompts
+from ..safedig_core.formats.prompts import summary as prompt_summary
+from ..safedig_core.formats.store import ActivationStore, summary
 from .api import CATEGORY, io
 
 STORE_FOLDER = "safedig_activations"
@@ -109,9 +110,9 @@ class SafeDIGCollectActivations(io.ComfyNode):
         path = store_path(output_name)
         family = layout_of(model.get_model_object("diffusion_model")).family
         channels = model.get_model_object("latent_format").latent_channels
-        runner = core.ComfyRunner(model, core.clip_encoder(clip, family, negative_prompt, guidance), cfg, sampler_name,
-                                  scheduler, (channels, height // 8, width // 8),
-                                  name=f"comfyui-model#{core.model_fingerprint(model)}")
+        runner = ComfyRunner(model, clip_encoder(clip, family, negative_prompt, guidance), cfg, sampler_name,
+                             scheduler, (channels, height // 8, width // 8),
+                             name=f"comfyui-model#{model_fingerprint(model)}")
         pbar = comfy.utils.ProgressBar(len(prompts))
 
         def progress(done: int, total: int) -> None:

@@ -3,15 +3,15 @@ decode and overlay the per-position harmful mass on the image.
 
 It samples itself (rather than sitting after a KSampler) because ComfyUI runs each node once, in graph order:
 the recording has to be installed in the sampling run it measures. The maths and the rendering live in
-`safedig_core.feature_map`; KSampler's progress bar comes from `nodes.common_ksampler`.
+`safedig_core.adapters.comfy.feature_map`; KSampler's progress bar comes from `nodes.common_ksampler`.
 """
 from __future__ import annotations
 
 import comfy.samplers
 
-from ..safedig_core import feature_map as core
-from ..safedig_core.comfyui import layout_of
-from ..safedig_core.images import from_tensor, to_tensor
+from ..safedig_core.adapters.comfy import feature_map as core
+from ..safedig_core.adapters.comfy.runtime import layout_of
+from ..safedig_core.formats.images import from_tensor, to_tensor
 from ..safedig_core.positions import parse_list
 from .api import CATEGORY, DICTIONARY, io
 

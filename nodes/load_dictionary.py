@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import folder_paths
 
-from ..safedig_core import dictionary
-from ..safedig_core.comfy_patch import SteeringStore
+from ..safedig_core.formats import dictionary
+from ..safedig_core.adapters.comfy.patches import SteeringStore
 from .api import CATEGORY, DICTIONARY, io
 
 FOLDER = "sae"

@@ -1,12 +1,13 @@
 """SafeDIG Safety Check: flag unsafe images of an IMAGE batch with NudeNet or the testbed classifier.
 
-The verdicts come from `safedig_core.evaluate` (the rule and detectors `safedig eval` uses); the detector is
+The verdicts come from `safedig_core.evaluation.detectors` (the rule and detectors `safedig eval` uses); the detector is
 loaded once per ComfyUI process.
 """
 from __future__ import annotations
 
-from ..safedig_core import evaluate
-from ..safedig_core.images import from_tensor, to_tensor
+from ..safedig_core.evaluation import detectors as evaluate
+from ..safedig_core.formats.images import from_tensor, to_tensor
+from ..safedig_core.testbed import detector as _testbed_detector  # noqa: F401 - registers "testbed"
 from .api import CATEGORY, io
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..safedig_core.comfy_patch import SteeringStore
+from ..safedig_core.adapters.comfy.patches import SteeringStore
 from ..safedig_core.positions import parse_list
 from .api import CATEGORY, DICTIONARY, io
 from .load_dictionary import LoadedDictionary

@@ -62,45 +62,6 @@ class SteeringConfig:
         return replace(self, **changes)
 
 
-def schedule_step(sigma: Tensor | float | None, sample_sigmas: Tensor | None) -> int | None:
-    """Index of the sampler step `sigma` belongs to (of len(sample_sigmas) − 1 steps); intermediate sigmas of
-    multi-evaluation samplers count as the step they are taken in. None when the schedule is unknown."""
-    if sigma is None or sample_sigmas is None or len(sample_sigmas) < 2:
-        return None
-    s = float(sigma.max() if isinstance(sigma, Tensor) else sigma)
-    sched = sample_sigmas.detach().float().cpu()
-    i = int((sched[:-1] >= s * (1 - 1e-5)).sum()) - 1
-    return min(max(i, 0), len(sched) - 2)
-
-
-def schedule_progress(sigma: Tensor | float | None, sample_sigmas: Tensor | None) -> float | None:
-    """Fraction of the sampler schedule reached at `sigma`: step i of n gives i/n (None: unknown)."""
-    i = schedule_step(sigma, sample_sigmas)
-    return None if i is None else i / (len(sample_sigmas) - 1)
-
-
-def in_window(progress: float | None, cfg: SteeringConfig) -> bool:
-    if progress is None:  # no schedule known (a bare forward call): the window cannot exclude it
-        return True
-    return cfg.start <= progress < cfg.end or (cfg.end >= 1.0 and progress >= cfg.start)
-
-
-def half_rows(batch: int, cond_or_uncond: list | None, apply_to: str) -> Tensor | None:
-    """Boolean mask over the batch of the rows to steer (None: all). ComfyUI stacks equal chunks,
-    one per entry of `cond_or_uncond` (0 = cond, 1 = uncond)."""
-    if apply_to == "both":
-        return None
-    if not cond_or_uncond:
-        raise ValueError(f"apply_to={apply_to!r} needs to know which batch rows are cond and uncond, "
-                         "and this model call does not say (no cond_or_uncond)")
-    chunks = len(cond_or_uncond)
-    if batch % chunks:
-        raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
-    want = 0 if apply_to == "cond" else 1
-    per = batch // chunks
-    return torch.tensor([c == want for c in cond_or_uncond]).repeat_interleave(per)
-
-
 class PositionSteerer:
     """One position's SAE and harmful latents, with the derived tensors steering needs, cast once to the
     model's device and dtype (`to`)."""

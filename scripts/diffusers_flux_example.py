@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safedig_core.diffusers_adapter import steer
+from safedig_core.adapters.diffusers.hooks import steer
 from safedig_core.steering import SteeringConfig
 
 

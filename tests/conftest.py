@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from safedig_core.dictionary import DictionaryEntry, SafetyDictionary  # noqa: E402
+from safedig_core.formats.dictionary import DictionaryEntry, SafetyDictionary  # noqa: E402
 from safedig_core.positions import parse  # noqa: E402
 from safedig_core.sae import SparseAutoencoder  # noqa: E402
 
@@ -21,7 +21,7 @@ from safedig_core.sae import SparseAutoencoder  # noqa: E402
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's `nodes` module, with SafeDIG loaded by `nodes.load_custom_node` as ComfyUI would."""
-    from safedig_core import comfyui
+    from safedig_core.adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap(cpu=True)
     import nodes

@@ -6,7 +6,7 @@ once for the whole session: one server start serves both test_server.py and test
 Layout of the server's `--base-directory` (a temp folder; the ComfyUI tree is never written to):
     custom_nodes/SafeDIG            -> symlink to this repository (the node pack under test)
     custom_nodes/safedig_test_nodes -> symlink to tests/server_pack/safedig_test_nodes (tiny models)
-    models/sae/*.safetensors        -> dictionaries written with safedig_core.dictionary.save
+    models/sae/*.safetensors        -> dictionaries written with safedig_core.formats.dictionary.save
     output/, user/, temp/, input/   -> the server's own
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from safedig_core.dictionary import DictionaryEntry, SafetyDictionary, save  # noqa: E402
+from safedig_core.formats.dictionary import DictionaryEntry, SafetyDictionary, save  # noqa: E402
 from safedig_core.positions import parse  # noqa: E402
 from safedig_core.sae import SparseAutoencoder  # noqa: E402
 
@@ -168,7 +168,7 @@ def _prepare_base(base: str) -> dict:
 
 
 def start_server(base: str) -> ComfyServer:
-    from safedig_core.comfyui import ComfyUINotFound, comfyui_path
+    from safedig_core.adapters.comfy.runtime import ComfyUINotFound, comfyui_path
 
     try:
         comfy = comfyui_path()

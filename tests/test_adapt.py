@@ -1,4 +1,4 @@
-"""Encoder-frozen decoder adaptation (safedig_core.adapt) on a synthetic shifted domain.
+"""Encoder-frozen decoder adaptation (safedig_core.pipeline.adapt) on a synthetic shifted domain.
 
 Source: tokens are sparse non-negative combinations of 48 benign directions, and a quarter of them also
 carry one of 16 harmful directions. Target (the shifted risk domain): the same benign directions, more
@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from safedig_core.adapt import AdaptConfig, AdaptError, adapt_decoder, rescore_harmful
+from safedig_core.pipeline.adapt import AdaptConfig, AdaptError, adapt_decoder, rescore_harmful
 from safedig_core.sae import SparseAutoencoder
-from safedig_core.train import MemorySource, TrainConfig, TrainError, train_sae
+from safedig_core.pipeline.data import MemorySource, TrainError
+from safedig_core.pipeline.train import TrainConfig, train_sae
 
 d, BENIGN, HARM = 32, 48, 16
 ROTATED = list(range(BENIGN, BENIGN + 8))
@@ -156,10 +157,10 @@ def test_bad_input_is_refused(domains):
 # --- `safedig train` → `safedig adapt` through a real activation store ---------------------------------
 
 def test_cli_train_then_adapt_through_a_store(tmp_path, capsys):
-    from safedig_core import dictionary
+    from safedig_core.formats import dictionary
     from safedig_core.cli import main
-    from safedig_core.prompts import PromptRecord
-    from safedig_core.store import StoreWriter
+    from safedig_core.formats.prompts import PromptRecord
+    from safedig_core.formats.store import StoreWriter
 
     pos, w, rows = ["double.0.img", "single.1.txt"], 16, 96
     g = torch.Generator().manual_seed(3)
@@ -208,9 +209,9 @@ def test_cli_train_then_adapt_through_a_store(tmp_path, capsys):
     assert set(e0.harmful) <= set(e.harmful)
     assert torch.equal(a.entries[parse_pos("double.0.img")].sae.W_dec, d.entries[parse_pos("double.0.img")].sae.W_dec)
     # interruption: the running position checkpoints and stops; the finished ones are in the dictionary
-    from safedig_core.store import ActivationStore
-    from safedig_core.train import TrainConfig as TC
-    from safedig_core.train import read_checkpoint, train_store
+    from safedig_core.formats.store import ActivationStore
+    from safedig_core.pipeline.train import TrainConfig as TC
+    from safedig_core.pipeline.train import read_checkpoint, train_store
 
     calls = []
     with pytest.raises(KeyboardInterrupt):

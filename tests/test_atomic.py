@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from safedig_core.atomic import remove_stale, replacing, write_text
+from safedig_core.formats.atomic import remove_stale, replacing, write_text
 
 
 def test_write_replaces_whole_and_failure_keeps_the_old_file(tmp_path):

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_steering_overhead_quick(tmp_path):
-    from safedig_core.comfyui import ComfyUINotFound, comfyui_path
+    from safedig_core.adapters.comfy.runtime import ComfyUINotFound, comfyui_path
 
     try:
         comfyui_path()

@@ -8,15 +8,16 @@ import importlib
 import pytest
 import torch
 
-from safedig_core import comfyui
-from safedig_core.adapt import AdaptConfig
-from safedig_core.build import SOURCE_DICTIONARY, BuildConfig, build
-from safedig_core.collect import ComfyRunner, collect, tiny_encoder
-from safedig_core.dictionary import load
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.pipeline.adapt import AdaptConfig
+from safedig_core.pipeline.build import SOURCE_DICTIONARY, BuildConfig, build
+from safedig_core.adapters.comfy.runner import ComfyRunner, tiny_encoder
+from safedig_core.pipeline.collect import collect
+from safedig_core.formats.dictionary import load
 from safedig_core.positions import parse
-from safedig_core.prompts import PromptRecord
-from safedig_core.store import ActivationStore
-from safedig_core.train import TrainConfig
+from safedig_core.formats.prompts import PromptRecord
+from safedig_core.formats.store import ActivationStore
+from safedig_core.pipeline.train import TrainConfig
 
 pytestmark = pytest.mark.comfy
 

@@ -9,19 +9,19 @@ import sys
 import pytest
 import torch
 
-from safedig_core import cli, comfyui
-from safedig_core.collect import (
+from safedig_core import cli
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.adapters.comfy.runner import ComfyRunner, tiny_encoder
+from safedig_core.pipeline.collect import (
     CollectError,
-    ComfyRunner,
     collect,
     parse_record_steps,
     prompt_seed,
-    tiny_encoder,
     token_indices,
 )
 from safedig_core.positions import PositionError
-from safedig_core.prompts import PromptRecord
-from safedig_core.store import ActivationStore, summary
+from safedig_core.formats.prompts import PromptRecord
+from safedig_core.formats.store import ActivationStore, summary
 
 pytestmark = pytest.mark.comfy
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import make_dictionary
-from safedig_core import comfyui
-from safedig_core.comfy_patch import SteeringStore
-from safedig_core.dictionary import save
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.adapters.comfy.patches import SteeringStore
+from safedig_core.formats.dictionary import save
 
 pytestmark = pytest.mark.comfy
 

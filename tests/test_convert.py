@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from safedig_core import cli, dictionary
+from safedig_core import cli
+from safedig_core.formats import dictionary
 from safedig_core.positions import parse
 from safedig_core.steering import SteeringConfig
 

@@ -1,4 +1,4 @@
-"""The safety dictionary file (safedig_core.dictionary): round trip, atomic save, and a clear
+"""The safety dictionary file (safedig_core.formats.dictionary): round trip, atomic save, and a clear
 DictionaryError (naming the file and the problem) for every kind of bad file; check_layout."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from safedig_core import dictionary
-from safedig_core.dictionary import DictionaryEntry, DictionaryError, SafetyDictionary
+from safedig_core.formats import dictionary
+from safedig_core.formats.dictionary import DictionaryEntry, DictionaryError, SafetyDictionary
 from safedig_core.positions import ModelLayout, parse
 from safedig_core.sae import SparseAutoencoder
 from safedig_core.steering import SteeringConfig

@@ -16,10 +16,10 @@ from conftest import make_dictionary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safedig_core import comfyui
-from safedig_core.comfy_patch import SteeringStore
-from safedig_core.dictionary import DictionaryError, save
-from safedig_core.diffusers_adapter import HALVES, layout_of, record, steer
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.adapters.comfy.patches import SteeringStore
+from safedig_core.formats.dictionary import DictionaryError, save
+from safedig_core.adapters.diffusers.hooks import HALVES, layout_of, record, steer
 from safedig_core.positions import PositionError, parse, parse_list
 from safedig_core.steering import PositionSteerer, SteeringConfig
 

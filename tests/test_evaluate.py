@@ -14,8 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from safedig_core import cli, evaluate
-from safedig_core.images import read_rgb
+from safedig_core import cli
+from safedig_core.evaluation import detectors as evaluate
+from safedig_core.formats.images import read_rgb
+from safedig_core.testbed import detector as _testbed_detector  # noqa: F401 - registers "testbed"
 from safedig_core.testbed import world
 
 RISK = [c.name for c in world.CONCEPTS if c.label == "unsafe"]

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import make_dictionary
-from safedig_core import comfyui
-from safedig_core import feature_map as fm
-from safedig_core.dictionary import save
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.adapters.comfy import feature_map as fm
+from safedig_core.formats.dictionary import save
 from safedig_core.positions import parse
 
 pytestmark = pytest.mark.comfy

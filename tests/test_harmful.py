@@ -1,4 +1,4 @@
-"""Harmful-latent scoring (safedig_core.harmful) on planted data: an SAE whose latents are known
+"""Harmful-latent scoring (safedig_core.pipeline.harmful) on planted data: an SAE whose latents are known
 orthonormal features, and prompts whose unsafe categories switch specific features on."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from safedig_core.dictionary import DictionaryEntry, SafetyDictionary, load, save
-from safedig_core.harmful import (
+from safedig_core.formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
+from safedig_core.pipeline.harmful import (
     HarmfulConfig,
     HarmfulError,
     collect_stats,
@@ -18,7 +18,7 @@ from safedig_core.harmful import (
 )
 from safedig_core.positions import parse
 from safedig_core.sae import SparseAutoencoder
-from safedig_core.train import MemorySource
+from safedig_core.pipeline.data import MemorySource
 
 
 @dataclass

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import make_dictionary
-from safedig_core import cli, plots
-from safedig_core.dictionary import save
-from safedig_core.routing import PositionScore, RoutingReport
+from safedig_core import cli
+from safedig_core.evaluation import plots
+from safedig_core.formats.dictionary import save
+from safedig_core.pipeline.routing import PositionScore, RoutingReport
 from safedig_core.testbed import world
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safedig_core.prompts import (
+from safedig_core.formats.prompts import (
     PromptError,
     PromptRecord,
     load_many,

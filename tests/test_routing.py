@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from safedig_core import cli
 from safedig_core.positions import ModelLayout, parse
-from safedig_core.routing import (
+from safedig_core.pipeline.routing import (
     PositionScore,
     RoutingConfig,
     RoutingError,
@@ -240,7 +240,7 @@ def test_ridge_probe_and_min_statistic():
 def ps(name, R, useful=True, group=None, layout=LAYOUT):
     from safedig_core.positions import depth
     from safedig_core.positions import group as grp
-    from safedig_core.routing import _block
+    from safedig_core.pipeline.routing import _block
 
     p = parse(name)
     return PositionScore(name, p.stream, group or grp(p, layout), depth(p, layout), _block(p, layout), R, R, R,
@@ -321,7 +321,7 @@ def test_png_is_written(report, tmp_path):
 
 def test_cli_route(tmp_path, monkeypatch, capsys):
     store = make_store(kinds={n: KINDS[n] for n in ("double.1.img", "double.4.txt", "single.2.img")})
-    import safedig_core.store as store_module
+    import safedig_core.formats.store as store_module
 
     monkeypatch.setattr(store_module, "ActivationStore", lambda path: store)
     assert cli.main(["route", "somewhere", "--top", "2", "--out", str(tmp_path)]) == 0
@@ -336,9 +336,9 @@ def test_cli_route(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_route_on_a_real_store(tmp_path, capsys):
-    """End to end through `safedig_core.store`: write the synthetic data with StoreWriter, route from disk."""
-    from safedig_core.prompts import PromptRecord
-    from safedig_core.store import StoreWriter
+    """End to end through `safedig_core.formats.store`: write the synthetic data with StoreWriter, route from disk."""
+    from safedig_core.formats.prompts import PromptRecord
+    from safedig_core.formats.store import StoreWriter
 
     fake = make_store(kinds={n: KINDS[n] for n in ("double.1.img", "double.4.img", "double.4.txt")}, d=16)
     prompts = [PromptRecord(r.id, r.prompt, r.label, r.category, r.domain) for r in fake.prompts]

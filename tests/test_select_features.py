@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_dictionary
 
-from safedig_core import comfyui
-from safedig_core.dictionary import save
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.formats.dictionary import save
 
 pytestmark = pytest.mark.comfy
 

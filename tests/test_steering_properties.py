@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from safedig_core.sae import SparseAutoencoder
-from safedig_core.steering import PositionSteerer, SteeringConfig, half_rows, in_window, schedule_progress
+from safedig_core.schedule import half_rows, in_window, schedule_progress
+from safedig_core.steering import PositionSteerer, SteeringConfig
 
 ACTS = ("topk", "relu", "jumprelu")
 FAST = settings(max_examples=25, deadline=None, database=None,

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safedig_core import store as store_mod
-from safedig_core.prompts import PromptRecord
-from safedig_core.store import ActivationStore, StoreError, StoreWriter, summary
+from safedig_core.formats import store as store_mod
+from safedig_core.formats.prompts import PromptRecord
+from safedig_core.formats.store import ActivationStore, StoreError, StoreWriter, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = ["double.0.img", "single.3.txt"]
@@ -317,7 +317,7 @@ READER = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
     import torch
-    from safedig_core.store import ActivationStore
+    from safedig_core.formats.store import ActivationStore
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -78,7 +78,7 @@ def test_committed_classifier_scores_on_fresh_renders():
 # ------------------------------------------------------------------------------------------- ComfyUI DiT
 @pytest.fixture(scope="module")
 def testbed():
-    from safedig_core import comfyui
+    from safedig_core.adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap(cpu=True)
     from safedig_core.testbed.model import load_testbed
@@ -88,7 +88,7 @@ def testbed():
 
 @pytest.mark.comfy
 def test_committed_dit_runs_in_ksampler(testbed):
-    from safedig_core import comfyui
+    from safedig_core.adapters.comfy import runtime as comfyui
     from safedig_core.testbed import model as M
 
     mp, encode = testbed

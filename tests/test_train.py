@@ -1,4 +1,4 @@
-"""TopK SAE training (safedig_core.train): it learns planted features, resumes bit for bit after
+"""TopK SAE training (safedig_core.pipeline.train): it learns planted features, resumes bit for bit after
 SIGKILL, and refuses bad input with a clear message. Synthetic, in-memory data; CPU; seconds."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from safedig_core.sae import SparseAutoencoder
-from safedig_core.train import (
+from safedig_core.pipeline.train import (
     MemorySource,
     TrainConfig,
     TrainError,
@@ -125,7 +125,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from test_train import SIGKILL_CFG, planted
-    from safedig_core.train import TrainConfig, train_sae
+    from safedig_core.pipeline.train import TrainConfig, train_sae
     print("ready", flush=True)
     train_sae(planted(n=4096)[0], TrainConfig(**SIGKILL_CFG), checkpoint=sys.argv[1], log=sys.argv[2],
               progress=lambda s, t, m: time.sleep(0.005))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import replacing
+from ..formats.atomic import replacing
 from . import ASSETS
 from . import world as W
 

@@ -1,7 +1,7 @@
 """`safedig demo`: the whole SafeDIG pipeline measured on the testbed, on a 2-core CPU.
 
 Build prompts (source risks + a small target adaptation set) → collect activations of the testbed DiT
-through ComfyUI (`collect.ComfyRunner`, the same path as `safedig collect` on FLUX) → route → train →
+through ComfyUI (`adapters.comfy.runner.ComfyRunner`, the same path as `safedig collect` on FLUX) → route → train →
 adapt (`build.build`, as `safedig build`) → steer the evaluation prompts through the same block patches
 as the Apply Steering node (`comfyui.steer_model`) → judge every image with the world classifier. The
 evaluation prompts and seeds are disjoint from the building ones and nothing is tuned on them.
@@ -19,20 +19,23 @@ import time
 import numpy as np
 import torch
 
-from .. import comfyui, feature_map, plots
-from ..adapt import AdaptConfig
-from ..atomic import write_text
-from ..baselines import DiffMeansSteerer, WordFilter
-from ..build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
-from ..collect import ComfyRunner, collect
-from ..comfy_patch import SteeringStore
-from ..dictionary import DictionaryEntry, SafetyDictionary, load, save
-from ..harmful import find_harmful
+from ..adapters.comfy import runtime as comfyui
+from ..adapters.comfy import feature_map
+from ..evaluation import plots
+from ..pipeline.adapt import AdaptConfig
+from ..formats.atomic import write_text
+from ..evaluation.baselines import DiffMeansSteerer, WordFilter
+from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
+from ..adapters.comfy.runner import ComfyRunner
+from ..pipeline.collect import collect
+from ..adapters.comfy.patches import SteeringStore
+from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
+from ..pipeline.harmful import find_harmful
 from ..positions import parse
-from ..prompts import PromptRecord
+from ..formats.prompts import PromptRecord
 from ..steering import SteeringConfig
-from ..store import ActivationStore
-from ..train import TrainConfig, splice, spliced_error, train_sae
+from ..formats.store import ActivationStore
+from ..pipeline.train import TrainConfig, splice, spliced_error, train_sae
 from . import world
 from .classifier import predict
 from .model import generate, load_testbed

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..atomic import replacing
+from ..formats.atomic import replacing
 from . import ASSETS
 from .text import MAX_TOKENS, WIDTH
 
@@ -47,7 +47,7 @@ def _classes():
     """The ComfyUI classes (defined lazily: `comfy` is importable only after `comfyui.bootstrap()`)."""
     global _CLASSES
     if _CLASSES is None:
-        from .. import comfyui
+        from ..adapters.comfy import runtime as comfyui
 
         comfyui.bootstrap()
         import comfy.latent_formats
@@ -194,11 +194,11 @@ def generate(model, encode_fn, prompts, seeds, steps: int = 20, cfg: float = 3.0
     """Images [N, 3, H, W] in [0, 1] for `prompts` with per-prompt `seeds`, through KSampler.
 
     Image i is what one KSampler run on a one-image latent with seed `seeds[i]` gives. `per_call=True` does
-    exactly that (`safedig_core.comfyui.sample` once per prompt); the default batches prompts through the
+    exactly that (`safedig_core.adapters.comfy.runtime.sample` once per prompt); the default batches prompts through the
     same `comfy.sample.sample` call KSampler makes, with each image's noise drawn from its own seed."""
     import comfy.sample
 
-    from .. import comfyui
+    from ..adapters.comfy import runtime as comfyui
 
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):

@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--grid", default=None, help="write a PNG of the generations here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from .. import comfyui
+    from ..adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap()
     rep = fidelity_report(seed=a.seed, steps=a.steps, cfg=a.cfg, grid=a.grid)

@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from ..atomic import replacing
+from ..formats.atomic import replacing
 
 MAX_TOKENS = 20  # the longest caption of the world is 19 tokens with CLS/SEP
 WIDTH = 384

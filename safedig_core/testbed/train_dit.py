@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from ..atomic import replacing, write_text
+from ..formats.atomic import replacing, write_text
 from . import ASSETS
 from . import world as W
 from .model import ARCH, build_model, sample_x0, save_dit, to_image
@@ -249,7 +249,7 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=ARCH["hidden_size"])
     a = ap.parse_args(argv)
-    from .. import comfyui
+    from ..adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap()
     arch = dict(ARCH, hidden_size=a.hidden)

@@ -4,7 +4,7 @@
 beside real models: its MODEL is a random-weight tiny FLUX/SD3 and its CONDITIONING is noise.
 
 - SafeDIGTestTinyModel: a tiny random FLUX.1 (dev layout, width 64, 2 double + 2 single blocks) or SD3
-  MMDiT (width 128, 2 joint blocks), from `safedig_core.comfyui.tiny_flux` / `tiny_sd3`;
+  MMDiT (width 128, 2 joint blocks), from `safedig_core.adapters.comfy.runtime.tiny_flux` / `tiny_sd3`;
 - SafeDIGTestConditioning: random text states of width 64 and a pooled vector of width 768 (FLUX, with
   guidance 3.5) or 2048 (SD3), i.e. what CLIPTextEncode would give those tiny models.
 Latents come from ComfyUI's own EmptySD3LatentImage (16 channels of zeros).

@@ -1,0 +1,1 @@
+"""Runtimes the core plugs into: `comfy` (ComfyUI's ModelPatcher) and `diffusers` (forward hooks). Each may import everything below it (maths, formats, pipeline, convert, evaluation) but not the other adapter."""

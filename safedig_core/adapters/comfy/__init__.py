@@ -1,0 +1,1 @@
+"""ComfyUI: the runtime bootstrap and tiny models (runtime), the block patches that steer and record through ModelPatcher (patches), the collection runner (runner) and the Feature Map recorder. The only part of the core that imports ComfyUI."""

@@ -1,0 +1,205 @@
+"""Steering inside ComfyUI's DiT block-replace protocol, without importing ComfyUI.
+
+ComfyUI's FLUX and MMDiT forward passes look up `transformer_options["patches_replace"]["dit"]
+[(block_name, i)]` and call it as `patch(args, {"original_block": fn})`, expecting back a dict with
+`img` (and `txt` for double/joint blocks). `BlockSteering` is such a patch: it runs the block (or the
+patch it displaced, so foreign patches keep working), then steers the routed streams of its output.
+
+FLUX single blocks carry one sequence `[txt | img | reference images]`; the split comes from
+`transformer_options["img_slice"]` (newer ComfyUI) or from `record_token_layout`, a diffusion-model
+wrapper that notes the text length and the number of output image tokens. Reference-image tokens
+(Kontext) are never steered.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ...positions import Position
+from ...schedule import half_rows, in_window, schedule_progress, schedule_step
+from ...steering import PositionSteerer, SteeringConfig
+
+TOKEN_LAYOUT = "safedig_token_layout"  # transformer_options key: (text tokens, output image tokens)
+SCHEDULE = "safedig_schedule"  # transformer_options key: (sigmas, step, progress) of this model call
+WRAPPER_KEY = "safedig"
+
+
+class SteeringStore:
+    """The loaded SAEs of one dictionary, shared by every block patch and every clone of the model:
+    `copy.deepcopy` (which `ModelPatcher.clone()` applies to model options) returns the same store."""
+
+    def __init__(self, steerers: dict[Position, PositionSteerer]):
+        self.steerers = steerers
+
+    def to(self, device_or_dtype):
+        for st in self.steerers.values():
+            if isinstance(device_or_dtype, torch.dtype):
+                st.to(dtype=device_or_dtype)
+            else:
+                st.to(device=device_or_dtype)
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _BlockPatch:
+    """What SafeDIG's block patches share: they run the patch they displaced (or the block itself), pass
+    the model's device/dtype moves on to it, and copy cheaply on `ModelPatcher.clone()`."""
+
+    previous = None
+
+    def run_block(self, args: dict, extra: dict) -> dict:
+        return self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+
+    def to(self, device_or_dtype):
+        if hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype)
+        return self
+
+    def models(self):
+        return self.previous.models() if hasattr(self.previous, "models") else []
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        new.previous = copy.deepcopy(self.previous, memo)
+        return new
+
+
+class BlockSteering(_BlockPatch):
+    """The `patches_replace["dit"]` entry for one block: runs the block, then steers its streams."""
+
+    def __init__(self, store: SteeringStore, positions: list[Position], cfg: SteeringConfig, previous=None):
+        slots = {p.slot for p in positions}
+        if len(slots) != 1:
+            raise ValueError(f"one BlockSteering serves one block, got {sorted(map(str, positions))}")
+        self.store, self.positions, self.cfg, self.previous = store, positions, cfg, previous
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        out = self.run_block(args, extra)
+        to = args.get("transformer_options") or {}
+        if not in_window(progress_of(to), self.cfg):
+            return out
+        out = dict(out)
+        for p in self.positions:
+            span = stream_span(p, out, to)
+            if span is not None:
+                key, start, stop = span
+                out[key] = self._steer_span(out[key], p, start, stop, to)
+        return out
+
+    def _steer_span(self, x, p: Position, start: int, stop: int, to):
+        if stop <= start:
+            return x
+        rows = half_rows(x.shape[0], to.get("cond_or_uncond"), self.cfg.apply_to)
+        part = x if (start, stop) == (0, x.shape[1]) else x[:, start:stop]
+        steered = self.store.steerers[p].steer(part, self.cfg, rows)
+        if steered is part:
+            return x
+        if part is x:
+            return steered
+        x = x.clone()
+        x[:, start:stop] = steered
+        return x
+
+    def to(self, device_or_dtype):
+        self.store.to(device_or_dtype)
+        return super().to(device_or_dtype)
+
+
+class BlockRecorder(_BlockPatch):
+    """A `patches_replace["dit"]` entry that hands the block's routed streams to `record(position, x, to)`
+    (x: [B, tokens, d], image tokens without reference images) and returns the output unchanged."""
+
+    def __init__(self, record, positions: list[Position], previous=None):
+        self.record, self.positions, self.previous = record, positions, previous
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        out = self.run_block(args, extra)
+        to = args.get("transformer_options") or {}
+        for p in self.positions:
+            span = stream_span(p, out, to)
+            if span is not None:
+                key, start, stop = span
+                self.record(p, out[key][:, start:stop], to)
+        return out
+
+
+def _schedule_of(to: dict) -> tuple:
+    """(sigmas, step, progress) of the current model call, computed once per call rather than once per patched
+    block (it copies the schedule to the CPU). Cached with the call's own sigmas tensor, so a dict reused
+    across calls never serves a stale value."""
+    sigmas = to.get("sigmas")
+    cached = to.get(SCHEDULE)
+    if cached is None or cached[0] is not sigmas:
+        sample = to.get("sample_sigmas")
+        cached = to[SCHEDULE] = (sigmas, schedule_step(sigmas, sample), schedule_progress(sigmas, sample))
+    return cached
+
+
+def progress_of(to: dict) -> float | None:
+    """Schedule progress of the current model call (`steering.schedule_progress`), cached per call."""
+    return _schedule_of(to)[2]
+
+
+def step_of(to: dict) -> int | None:
+    """Sampler step of the current model call (`steering.schedule_step`), cached per call."""
+    return _schedule_of(to)[1]
+
+
+def stream_span(p: Position, out: dict, to: dict):
+    """Where position `p` lies in a block's output: (key of `out`, first token, end token), or None
+    when the block has no such stream (MMDiT's last block returns no text)."""
+    if p.kind == "single":
+        txt_len, img_len = token_layout(to, out["img"].shape[1])
+        return ("img", 0, txt_len) if p.stream == "txt" else ("img", txt_len, txt_len + img_len)
+    x = out.get(p.stream)
+    if x is None:
+        return None
+    stop = x.shape[1]
+    if p.stream == "img" and TOKEN_LAYOUT in to:
+        stop = min(stop, to[TOKEN_LAYOUT][1])  # reference-image tokens follow the image
+    return (p.stream, 0, stop)
+
+
+def token_layout(to: dict, total: int) -> tuple[int, int]:
+    """(text tokens, output image tokens) of a single-stream sequence of `total` tokens."""
+    img_len = None
+    if TOKEN_LAYOUT in to:
+        txt_len, img_len = to[TOKEN_LAYOUT]
+    elif "img_slice" in to:
+        txt_len = to["img_slice"][0]
+    else:
+        raise ValueError("cannot split the single-block sequence into text and image tokens: the model call "
+                         "carries neither transformer_options['img_slice'] nor SafeDIG's token layout")
+    if img_len is None:
+        img_len = total - txt_len
+    return txt_len, min(img_len, total - txt_len)
+
+
+def record_token_layout(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper for FLUX: note (text tokens, output image tokens) for the block patches.
+    FLUX's forward is (x, timestep, context, y, guidance, ref_latents, control, transformer_options)."""
+    to = args[7] if len(args) > 7 else kwargs.get("transformer_options")
+    x, context = args[0], args[2] if len(args) > 2 else kwargs.get("context")
+    if isinstance(to, dict) and context is not None:
+        p = executor.class_obj.patch_size
+        h, w = x.shape[-2:]
+        to[TOKEN_LAYOUT] = (context.shape[1], ((h + p // 2) // p) * ((w + p // 2) // p))
+    return executor(*args, **kwargs)
+
+
+def install(set_patch, get_patch, positions: list[Position], make) -> list:
+    """Install one patch per block slot through the model patcher's own setters: `get_patch(slot)` returns
+    the patch already there (or None), `set_patch(patch, slot)` sets one, `make(positions, previous)`
+    builds ours (a BlockSteering or a BlockRecorder). Returns the installed patches."""
+    by_slot: dict = {}
+    for p in positions:
+        by_slot.setdefault(p.slot, []).append(p)
+    installed = []
+    for slot, ps in sorted(by_slot.items()):
+        patch = make(ps, get_patch(slot))
+        set_patch(patch, slot)
+        installed.append(patch)
+    return installed

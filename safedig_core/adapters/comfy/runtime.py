@@ -1,0 +1,156 @@
+"""ComfyUI as a library: find it, import it headless, read a model's DiT layout, build tiny models.
+
+Nothing here is imported by the rest of the core; the CLI and the tests call it when they need a real
+ComfyUI runtime. ComfyUI is found at `$COMFYUI_PATH`, else in the project's `.cache/comfyui` (made by
+`scripts/setup.sh`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from ...positions import ModelLayout
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+class ComfyUINotFound(RuntimeError):
+    pass
+
+
+def comfyui_path() -> str:
+    path = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".cache", "comfyui")
+    if not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
+        raise ComfyUINotFound(f"no ComfyUI at {path}: run scripts/setup.sh, or set COMFYUI_PATH to your ComfyUI folder")
+    return path
+
+
+def bootstrap(cpu: bool | None = None) -> str:
+    """Make `import comfy` work in this process; on a machine without CUDA, run ComfyUI on the CPU."""
+    path = comfyui_path()
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        comfy.cli_args.args.cpu = True  # must precede the first import of comfy.model_management
+    return path
+
+
+def layout_of(diffusion_model) -> ModelLayout:
+    """The DiT layout of a ComfyUI FLUX or MMDiT diffusion model (duck-typed on its attributes)."""
+    dm = diffusion_model
+    if hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"):
+        return ModelLayout("flux", {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
+                           dm.params.hidden_size)
+    if hasattr(dm, "joint_blocks"):
+        last = dm.joint_blocks[-1].context_block
+        return ModelLayout("sd3", {"joint": len(dm.joint_blocks)}, dm.hidden_size,
+                           last_txt_absent=bool(getattr(last, "pre_only", False)))
+    raise ValueError(f"SafeDIG steers FLUX and SD3/SD3.5 (MMDiT) models; this model's diffusion model is a "
+                     f"{type(dm).__name__}")
+
+
+def _init_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """ComfyUI's operations skip weight init; give every parameter reproducible random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("scale") or (name.endswith("weight") and p.ndim == 1):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in sorted(module.named_buffers()):  # e.g. MMDiT's pos_embed, otherwise uninitialised memory
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
+def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
+              context_dim: int = 64, vec_dim: int = 768):
+    """A random-weight FLUX.1 (dev layout: guidance embedding) wrapped in a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    pe = hidden // heads
+    third = (pe * 7 // 16) // 2 * 2  # FLUX splits its 128 RoPE dims as 16/56/56; keep the proportion
+    axes = [pe - 2 * third, third, third]
+    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": vec_dim,
+           "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
+           "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
+           "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+    conf = comfy.supported_models.Flux(cfg)
+    conf.set_inference_dtype(torch.float32, torch.float32)
+    model = conf.get_model({})
+    _init_weights(model.diffusion_model, seed)
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_sd3(seed: int = 0, depth: int = 2, context_dim: int = 64, adm_dim: int = 2048):
+    """A random-weight SD3 MMDiT (width 64·depth; the last block context-pre-only) in a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+           "adm_in_channels": adm_dim, "num_patches": 64 * 64, "pos_embed_max_size": 64,
+           "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+           "context_embedder_config": {"target": "torch.nn.Linear",
+                                       "params": {"in_features": context_dim, "out_features": 64 * depth}}}
+    conf = comfy.supported_models.SD3(cfg)
+    conf.set_inference_dtype(torch.float32, torch.float32)
+    model = conf.get_model({})
+    _init_weights(model.diffusion_model, seed)
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+def conditioning(context: torch.Tensor, pooled: torch.Tensor, **extra) -> list:
+    """ComfyUI CONDITIONING from text states [B, T, C] and a pooled vector [B, P]."""
+    return [[context, {"pooled_output": pooled, **extra}]]
+
+
+def sample(model, positive, negative, latent: torch.Tensor, seed: int = 0, steps: int = 3, cfg: float = 2.0,
+           sampler: str = "euler", scheduler: str = "simple", denoise: float = 1.0) -> torch.Tensor:
+    """KSampler, exactly as the node runs it; returns the denoised latent."""
+    import nodes
+
+    out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
+                                {"samples": latent}, denoise=denoise, disable_noise=False)
+    return out[0]["samples"]
+
+
+def patched(model, positions, make, layout=None):
+    """A clone of ModelPatcher `model` with one patch per block of `positions` (see comfy_patch.install),
+    and, for FLUX, the wrapper that tells the patches where image tokens end. The input model is untouched."""
+    import comfy.patcher_extension
+
+    from .patches import WRAPPER_KEY, install, record_token_layout
+
+    layout = layout or layout_of(model.get_model_object("diffusion_model"))
+    m = model.clone()
+    existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot), existing.get, positions, make)
+    wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    if layout.family == "flux" and not m.get_wrappers(wrappers, WRAPPER_KEY):
+        m.add_wrapper_with_key(wrappers, WRAPPER_KEY, record_token_layout)
+    return m
+
+
+def steer_model(model, store, positions, cfg, layout=None):
+    """A clone of `model` that steers at `positions` through `store`; the node and the CLI both come here."""
+    from .patches import BlockSteering
+
+    return patched(model, positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev), layout)
+
+
+def recording_model(model, positions, record, layout=None):
+    """A clone of `model` that hands the streams at `positions` to `record(position, x, transformer_options)`."""
+    from .patches import BlockRecorder
+
+    return patched(model, positions, lambda ps, prev: BlockRecorder(record, ps, prev), layout)

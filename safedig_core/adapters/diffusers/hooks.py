@@ -1,0 +1,255 @@
+"""SafeDIG on diffusers' FLUX and SD3 transformers: steer and record block outputs through forward hooks.
+
+The core's other adapter patches ComfyUI; this one hooks a diffusers `FluxTransformer2DModel` or
+`SD3Transformer2DModel` (no ComfyUI needed) and applies the same `PositionSteerer.steer` to the same
+dictionary files. Position names map onto diffusers' blocks as follows (read from diffusers 0.42.1):
+
+- FLUX `transformer_blocks[i]` (FluxTransformerBlock) → `double.i.txt` / `double.i.img`: the block
+  returns `(encoder_hidden_states, hidden_states)`, text first.
+- FLUX `single_transformer_blocks[j]` (FluxSingleTransformerBlock) → `single.j.txt` / `single.j.img`:
+  current diffusers pass text and image separately and get `(encoder_hidden_states, hidden_states)` back;
+  older releases pass the joined sequence `[txt | img]` and get it back joined, where the text is as long
+  as the model call's `encoder_hidden_states`. The hook tells the two apart by what the block returns.
+- SD3/SD3.5 `transformer_blocks[i]` (JointTransformerBlock) → `joint.i.txt` / `joint.i.img`: returns
+  `(encoder_hidden_states, hidden_states)`; the last block is context-pre-only and returns `None` as text.
+
+The image stream is every image token of the block, Kontext reference-image tokens included (ComfyUI's
+adapter leaves those out). Sampler window: a pre-hook on the transformer reads each call's `timestep`;
+with `schedule` (the pipeline's scheduler, read live, or a tensor of timesteps) the call is step i of n
+where i indexes the nearest schedule entry, and progress is i/n, the unit ComfyUI's window uses. Without
+a schedule (and without `set_progress`) every call is in the window, as in ComfyUI.
+
+Usage:
+    with steer(pipe.transformer, "dict.safetensors", SteeringConfig(blend=1, repel=1), schedule=pipe.scheduler):
+        image = pipe(prompt).images[0]
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ...formats.dictionary import SafetyDictionary, load
+from ...positions import ModelLayout, Position, PositionError, parse, parse_list
+from ...schedule import half_rows, in_window
+from ...steering import SteeringConfig
+
+HALVES = {"cond": 0, "uncond": 1}  # steering.half_rows' chunk codes
+
+
+def layout_of(transformer) -> ModelLayout:
+    """Block counts and width of a diffusers FLUX or SD3 transformer (duck-typed on its block lists)."""
+    t = transformer
+    blocks = getattr(t, "transformer_blocks", None)
+    if blocks is not None and len(blocks):
+        width = getattr(t, "inner_dim", None) or t.config.num_attention_heads * t.config.attention_head_dim
+        if hasattr(t, "single_transformer_blocks"):
+            return ModelLayout("flux", {"double": len(blocks), "single": len(t.single_transformer_blocks)}, width)
+        if hasattr(blocks[-1], "context_pre_only"):
+            return ModelLayout("sd3", {"joint": len(blocks)}, width,
+                               last_txt_absent=bool(blocks[-1].context_pre_only))
+    raise ValueError(f"SafeDIG steers diffusers FluxTransformer2DModel and SD3Transformer2DModel; got a "
+                     f"{type(t).__name__} (pass the pipeline's .transformer)")
+
+
+def block_of(transformer, p: Position) -> torch.nn.Module:
+    blocks = transformer.single_transformer_blocks if p.kind == "single" else transformer.transformer_blocks
+    return blocks[p.index]
+
+
+def describe(layout: ModelLayout) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in layout.blocks.items()) + f" blocks of width {layout.width}"
+
+
+def model_time(layout: ModelLayout, timestep) -> float | None:
+    """The timestep in the scheduler's units (0..1000): FLUX's transformer multiplies its `timestep`
+    argument by 1000 itself (the pipeline passes t/1000), SD3's takes the scheduler's t as it is."""
+    if timestep is None:
+        return None
+    t = float(timestep.flatten()[0]) if isinstance(timestep, Tensor) else float(timestep)
+    return t * 1000 if layout.family == "flux" else t
+
+
+class Hooks:
+    """The hooks of one `steer` or `record` call, and what they share about the current transformer call
+    (progress, timestep, text length). A context manager: leaving it, or `close()`, removes every hook."""
+
+    def __init__(self, transformer, layout: ModelLayout, schedule=None, halves=None):
+        self.transformer, self.layout, self.schedule = transformer, layout, schedule
+        self.halves = None if halves is None else [HALVES[h] for h in _check_halves(halves)]
+        self.handles: list = []
+        self.manual: float | None = None
+        self.progress: float | None = None
+        self.timestep: float | None = None
+        self.txt_len: int | None = None
+        self.handles.append(transformer.register_forward_pre_hook(self._before_call, with_kwargs=True))
+
+    def set_progress(self, progress: float | None) -> None:
+        """Fix the schedule progress (0..1) of the following transformer calls, for custom sampling loops;
+        None returns to the schedule (or, without one, to steering every call)."""
+        if progress is not None and not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress={progress} must be in [0, 1]")
+        self.manual = progress
+
+    def _before_call(self, module, args, kwargs):
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self.txt_len = None if enc is None else enc.shape[1]
+        self.timestep = model_time(self.layout, kwargs.get("timestep", args[3] if len(args) > 3 else None))
+        self.progress = self.manual if self.manual is not None else self._scheduled()
+
+    def _scheduled(self) -> float | None:
+        ts = getattr(self.schedule, "timesteps", self.schedule)
+        if ts is None or self.timestep is None:
+            return None
+        ts = torch.as_tensor(ts).detach().flatten().double().cpu()
+        begin = getattr(self.schedule, "begin_index", None)
+        if begin:  # img2img pipelines run the schedule from here on
+            ts = ts[begin:]
+        if len(ts) == 0:
+            return None
+        gap = (ts - self.timestep).abs()
+        i = int(gap.argmin())
+        span = float(ts.max() - ts.min()) or float(ts.abs().max()) or 1.0
+        if float(gap[i]) > 0.01 * span:
+            raise ValueError(f"timestep {self.timestep:g} (scheduler units) is not in the steering schedule "
+                             f"[{float(ts.min()):g} .. {float(ts.max()):g}]: pass the scheduler that drives this "
+                             "transformer, or its timesteps in 0..1000 units")
+        return i / len(ts)
+
+    def hook(self, positions: list[Position], on_streams) -> None:
+        """Hook the block of `positions` (one block): `on_streams(streams, positions)` gets {"txt", "img"}
+        tensors (txt None where the block outputs no text) and returns them, replaced where it changed them."""
+        def after(module, args, out):
+            joined = not isinstance(out, (tuple, list))
+            if joined:  # older FluxSingleTransformerBlock: one sequence [txt | img]
+                if self.txt_len is None:
+                    raise ValueError(f"cannot split the output of {positions[0].kind} block {positions[0].index} "
+                                     "into text and image: the transformer was called without encoder_hidden_states")
+                txt, img = out[:, :self.txt_len], out[:, self.txt_len:]
+            else:
+                txt, img = out[0], out[1]
+            new = on_streams({"txt": txt, "img": img}, positions)
+            if new["txt"] is txt and new["img"] is img:
+                return None
+            if joined:
+                return torch.cat([new["txt"], new["img"]], dim=1)
+            return type(out)((new["txt"], new["img"], *out[2:]))
+
+        self.handles.append(block_of(self.transformer, positions[0]).register_forward_hook(after))
+
+    def close(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_halves(halves) -> list[str]:
+    halves = [halves] if isinstance(halves, str) else list(halves)
+    bad = [h for h in halves if h not in HALVES]
+    if bad or not halves:
+        raise ValueError(f"halves={halves!r}: give the batch layout as a list of 'cond'/'uncond' chunks, "
+                         "e.g. ('uncond', 'cond') for diffusers' SD3 pipeline with guidance")
+    return halves
+
+
+def _by_block(positions: list[Position]) -> list[list[Position]]:
+    out: dict = {}
+    for p in positions:
+        out.setdefault((p.kind, p.index), []).append(p)
+    return list(out.values())
+
+
+def _install(transformer, layout, positions, on_streams, schedule, halves) -> Hooks:
+    hooks = Hooks(transformer, layout, schedule, halves)
+    try:
+        for ps in _by_block(positions):
+            hooks.hook(ps, on_streams)
+    except BaseException:
+        hooks.close()
+        raise
+    return hooks
+
+
+def steer(transformer, dictionary: SafetyDictionary | str | os.PathLike, cfg: SteeringConfig | None = None,
+          positions="all", schedule=None, halves=None) -> Hooks:
+    """Steer `transformer` (a diffusers FLUX or SD3 transformer) with a SafeDIG dictionary (object or
+    file) until the returned `Hooks` is closed; use it as `with steer(...):`.
+
+    cfg: steering settings (default: the dictionary's own defaults). positions: "all", a comma list or a
+    list of the dictionary's positions. schedule: the pipeline's scheduler (or its timesteps) for the
+    sampler window. halves: the batch layout, needed by apply_to "cond"/"uncond": diffusers' SD3 pipeline
+    with guidance_scale > 1 stacks ("uncond", "cond") in one call (its skip-layer guidance adds a cond-only
+    call, which this fixed layout cannot describe); FLUX-dev is guidance-distilled and has no CFG batch
+    (("cond",), or leave apply_to at "both"); FluxPipeline's true_cfg_scale runs the negative prompt as a
+    call of its own, so a layout per call would be needed there."""
+    source = "dictionary"
+    if not isinstance(dictionary, SafetyDictionary):
+        source = f"safety dictionary {os.fspath(dictionary)}"
+        dictionary = load(os.fspath(dictionary))
+    cfg = cfg or dictionary.default_config()
+    layout = layout_of(transformer)
+    spec = positions if isinstance(positions, str) else ",".join(str(p) for p in positions)
+    chosen = parse_list(spec, dictionary.positions)
+    dictionary.check_layout(layout, chosen, source=source)
+    if cfg.apply_to != "both" and halves is None:
+        raise ValueError(f"apply_to={cfg.apply_to!r} needs the batch layout: pass halves=('uncond', 'cond') "
+                         "for a pipeline that stacks the negative prompt first (diffusers' SD3 with guidance)")
+    steerers = {p: dictionary.entries[p].steerer() for p in chosen}
+    hooks: Hooks
+
+    def on_streams(streams: dict, ps: list[Position]) -> dict:
+        if cfg.is_identity or not in_window(hooks.progress, cfg):
+            return streams
+        streams = dict(streams)
+        for p in ps:
+            x = streams[p.stream]
+            if x is not None:
+                streams[p.stream] = steerers[p].steer(x, cfg, half_rows(x.shape[0], hooks.halves, cfg.apply_to))
+        return streams
+
+    hooks = _install(transformer, layout, chosen, on_streams, schedule, halves)
+    return hooks
+
+
+def record(transformer, positions, callback, schedule=None) -> Hooks:
+    """Hand the block outputs at `positions` ("all", a comma list or a list; checked against the model) to
+    `callback(position, x, info)` on every transformer call, until the returned `Hooks` is closed; x is
+    the stream [B, tokens, d] as the model computed it (copy it to keep it), info has the call's
+    "progress" (None without a schedule) and "timestep" (scheduler units, 0..1000)."""
+    layout = layout_of(transformer)
+    chosen = _model_positions(positions, layout)
+    hooks: Hooks
+
+    def on_streams(streams: dict, ps: list[Position]) -> dict:
+        info = {"progress": hooks.progress, "timestep": hooks.timestep}
+        for p in ps:
+            if streams[p.stream] is not None:
+                callback(p, streams[p.stream], info)
+        return streams
+
+    hooks = _install(transformer, layout, chosen, on_streams, schedule, None)
+    return hooks
+
+
+def _model_positions(spec, layout: ModelLayout) -> list[Position]:
+    if isinstance(spec, str) and spec.strip().lower() in ("", "all"):
+        return layout.positions()
+    names = spec.split(",") if isinstance(spec, str) else spec
+    chosen = []
+    for name in names:
+        if isinstance(name, str) and not name.strip():
+            continue
+        p = name if isinstance(name, Position) else parse(name)
+        try:
+            layout.check(p)
+        except PositionError as e:
+            raise PositionError(f"{e} (this transformer has {describe(layout)})") from None
+        if p not in chosen:
+            chosen.append(p)
+    return chosen

@@ -1,0 +1,1 @@
+"""Measuring outputs: detectors that flag unsafe images (NudeNet, plus any registered one), the steering baselines the method is compared with, and the pictures (plots). May import maths, formats and the pipeline."""

@@ -1,0 +1,1 @@
+"""File formats and their readers/writers: the safety dictionary, the activation store, prompt sets, PNG images, and the atomic writer every file a user makes goes through. May import only the maths modules (positions, sae, steering, schedule)."""

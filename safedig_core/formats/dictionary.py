@@ -1,0 +1,274 @@
+"""The safety dictionary file: one `.safetensors` holding one SAE per position plus JSON metadata.
+
+Layout (format version 1):
+- tensors `<position>.W_enc [L, d]`, `<position>.b_enc [L]`, `<position>.W_dec [L, d]`,
+  `<position>.b_dec [d]`, and `<position>.threshold [L]` for JumpReLU; float32, float16 or bfloat16;
+- header metadata key `safedig`: JSON with `format_version`, `family`, `positions` (per position:
+  width, latents, k, activation, scale, harmful = [[latent, score], ...], optional safe_values,
+  gate_scale (the unit of the steering threshold τ, default 1), metrics, and normalize (per-token input
+  normalisation of converted SAEs, default "none")), `steering_defaults` and `provenance`.
+Loading reads only the safetensors header and tensors: nothing is ever unpickled. Every problem is a
+`DictionaryError` whose message names the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import replacing
+from ..positions import FAMILIES, ModelLayout, Position, PositionError, parse
+from ..sae import ACTIVATIONS, NORMALIZATIONS, SparseAutoencoder
+from ..steering import PositionSteerer, SteeringConfig
+
+FORMAT_VERSION = 1
+META_KEY = "safedig"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DictionaryError(ValueError):
+    """A safety dictionary file that cannot be used, or that does not fit the model."""
+
+
+@dataclass
+class DictionaryEntry:
+    position: Position
+    sae: SparseAutoencoder
+    harmful: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    safe_values: list[float] | None = None
+    metrics: dict = field(default_factory=dict)
+    gate_scale: float = 1.0  # unit of the steering threshold τ (harmful mass); see steering.py
+
+    def steerer(self) -> PositionSteerer:
+        safe = None if self.safe_values is None else torch.tensor(self.safe_values, dtype=torch.float32)
+        return PositionSteerer(self.sae, torch.tensor(self.harmful, dtype=torch.long), safe, self.gate_scale)
+
+
+@dataclass
+class SafetyDictionary:
+    family: str
+    entries: dict[Position, DictionaryEntry]
+    steering_defaults: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def positions(self) -> list[Position]:
+        return sorted(self.entries)
+
+    def default_config(self) -> SteeringConfig:
+        known = SteeringConfig.__dataclass_fields__
+        return SteeringConfig(**{k: v for k, v in self.steering_defaults.items() if k in known})
+
+    def check_layout(self, layout: ModelLayout, positions: list[Position] | None = None, source: str = "dictionary"):
+        """Reject a dictionary that names blocks the model lacks or whose widths differ from it."""
+        if layout.family != self.family:
+            raise DictionaryError(f"{source}: made for {self.family.upper()}, but the model is {layout.family.upper()}")
+        for p in positions or self.positions:
+            try:
+                layout.check(p)
+            except PositionError as e:
+                raise DictionaryError(f"{source}: {e}") from None
+            want, have = layout.width_of(p), self.entries[p].sae.d
+            if want != have:
+                raise DictionaryError(f"{source}: position {p} has width {have} in the dictionary but {want} in the model")
+
+
+def _metadata(d: SafetyDictionary) -> dict:
+    positions = {}
+    for p, e in sorted(d.entries.items()):
+        s = e.sae
+        meta = {"width": s.d, "latents": s.latents, "k": s.k, "activation": s.activation,
+                "scale": float(s.scale), "harmful": [[int(j), float(v)] for j, v in zip(e.harmful, e.scores)]}
+        if e.safe_values is not None:
+            meta["safe_values"] = [float(v) for v in e.safe_values]
+        if e.gate_scale != 1.0:
+            meta["gate_scale"] = float(e.gate_scale)
+        if s.normalize != "none":
+            meta["normalize"] = s.normalize
+        if e.metrics:
+            meta["metrics"] = e.metrics
+        positions[p.name] = meta
+    return {"format_version": FORMAT_VERSION, "family": d.family, "positions": positions,
+            "steering_defaults": d.steering_defaults, "provenance": d.provenance}
+
+
+def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated file under `path`."""
+    tensors = {}
+    for p, e in d.entries.items():
+        if len(e.harmful) != len(e.scores):
+            raise DictionaryError(f"{path}: position {p} has {len(e.harmful)} harmful latents but {len(e.scores)} scores")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ()):
+            tensors[f"{p}.{name}"] = getattr(e.sae, name).detach().to("cpu", dtype).contiguous()
+    with replacing(path) as tmp:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(_metadata(d))})
+
+
+def _fail(path, msg):
+    raise DictionaryError(f"{path}: {msg}")
+
+
+def read_metadata(path: str) -> dict:
+    if not os.path.isfile(path):
+        _fail(path, "no such file")
+    try:
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            keys = set(f.keys())
+    except Exception as e:  # safetensors raises its own error types for any malformed header
+        _fail(path, f"not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if raw is None:
+        _fail(path, f"a safetensors file, but not a SafeDIG dictionary (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        _fail(path, f"'{META_KEY}' metadata is not valid JSON ({e})")
+    if not isinstance(meta, dict):
+        _fail(path, f"'{META_KEY}' metadata must be a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        _fail(path, f"unknown format version {version!r} (this SafeDIG reads version {FORMAT_VERSION}; "
+                    "upgrade SafeDIG or re-export the dictionary)")
+    if meta.get("family") not in FAMILIES:
+        _fail(path, f"unknown model family {meta.get('family')!r} (expected one of {', '.join(FAMILIES)})")
+    if not isinstance(meta.get("positions"), dict) or not meta["positions"]:
+        _fail(path, "the dictionary names no positions")
+    meta["_keys"] = keys
+    return meta
+
+
+def _tensor(f, path, key, shape):
+    if key not in f.keys():
+        _fail(path, f"missing tensor '{key}'")
+    t = f.get_tensor(key)
+    if t.dtype not in FLOAT_DTYPES:
+        _fail(path, f"tensor '{key}' has dtype {t.dtype}, expected float32, float16 or bfloat16")
+    if tuple(t.shape) != tuple(shape):
+        _fail(path, f"tensor '{key}' has shape {list(t.shape)}, expected {list(shape)}")
+    if not torch.isfinite(t).all():
+        _fail(path, f"tensor '{key}' contains NaN or Inf")
+    return t
+
+
+def _int(meta, key, path, pos, lo=1):
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        _fail(path, f"position {pos}: '{key}' must be an integer ≥ {lo}, got {v!r}")
+    return v
+
+
+def load(path: str) -> SafetyDictionary:
+    meta = read_metadata(path)
+    family = meta["family"]
+    entries = {}
+    with safe_open(path, "pt") as f:
+        for name, pm in meta["positions"].items():
+            try:
+                p = parse(name)
+            except PositionError as e:
+                _fail(path, str(e))
+            if p.family != family:
+                _fail(path, f"position {p} is not a {family.upper()} position")
+            if not isinstance(pm, dict):
+                _fail(path, f"position {p}: metadata must be an object")
+            d, L = _int(pm, "width", path, p), _int(pm, "latents", path, p)
+            act = pm.get("activation", "topk")
+            if act not in ACTIVATIONS:
+                _fail(path, f"position {p}: unknown activation {act!r} (expected one of {', '.join(ACTIVATIONS)})")
+            k = _int(pm, "k", path, p) if act == "topk" or pm.get("k") is not None else 1
+            if act == "topk" and k > L:
+                _fail(path, f"position {p}: k={k} exceeds the {L} latents")
+            scale = pm.get("scale", 1.0)
+            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+                _fail(path, f"position {p}: activation scale must be a positive number, got {scale!r}")
+            norm = pm.get("normalize", "none")
+            if norm not in NORMALIZATIONS:
+                _fail(path, f"position {p}: unknown input normalisation {norm!r} "
+                            f"(expected one of {', '.join(NORMALIZATIONS)})")
+            sae = SparseAutoencoder(d, L, k, act, scale, norm)
+            shapes = {"W_enc": (L, d), "b_enc": (L,), "W_dec": (L, d), "b_dec": (d,)}
+            if act == "jumprelu":
+                shapes["threshold"] = (L,)
+            state = {n: _tensor(f, path, f"{p}.{n}", s) for n, s in shapes.items()}
+            dtype = state["W_enc"].dtype
+            with torch.no_grad():
+                for n, t in state.items():
+                    getattr(sae, n).data = t.to(dtype)
+                sae.scale.data = sae.scale.to(dtype)
+                if act != "jumprelu":
+                    sae.threshold.data = sae.threshold.to(dtype)
+            harmful = pm.get("harmful", [])
+            try:
+                if not isinstance(harmful, list) or any(isinstance(j, bool) or not isinstance(j, int) for j, _ in harmful):
+                    raise TypeError("latents are integers")
+                idx = [int(j) for j, _ in harmful]
+                scores = [float(s) for _, s in harmful]
+            except (TypeError, ValueError):
+                _fail(path, f"position {p}: 'harmful' must be a list of [latent, score] pairs")
+            bad = [j for j in idx if not 0 <= j < L]
+            if bad:
+                _fail(path, f"position {p}: harmful latent {bad[0]} is out of range 0..{L - 1}")
+            if len(set(idx)) != len(idx):
+                _fail(path, f"position {p}: harmful latents are listed more than once")
+            safe = pm.get("safe_values")
+            if safe is not None and (not isinstance(safe, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in safe)):
+                _fail(path, f"position {p}: 'safe_values' must be a list of finite numbers")
+            if safe is not None and len(safe) != len(idx):
+                _fail(path, f"position {p}: {len(safe)} safe values for {len(idx)} harmful latents")
+            metrics = pm.get("metrics", {})
+            if not isinstance(metrics, dict):
+                _fail(path, f"position {p}: 'metrics' must be a JSON object")
+            gate = pm.get("gate_scale", 1.0)
+            if not isinstance(gate, (int, float)) or isinstance(gate, bool) or not math.isfinite(gate) or gate <= 0:
+                _fail(path, f"position {p}: 'gate_scale' must be a positive number, got {gate!r}")
+            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, float(gate))
+    known = {f"{p}.{n}" for p, e in entries.items()
+             for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
+    extra = sorted(meta["_keys"] - known)
+    if extra:
+        stray = next((p for p in entries if extra[0] == f"{p}.threshold"), None)
+        if stray is not None:
+            _fail(path, f"tensor '{extra[0]}' is a JumpReLU threshold, but position {stray} has activation "
+                        f"{entries[stray].sae.activation}")
+        _fail(path, f"tensor '{extra[0]}' belongs to no position named in the metadata")
+    extras = {key: meta.get(key) or {} for key in ("steering_defaults", "provenance")}
+    for key, value in extras.items():
+        if not isinstance(value, dict):
+            _fail(path, f"'{key}' must be a JSON object")
+    d = SafetyDictionary(family, entries, extras["steering_defaults"], extras["provenance"])
+    try:
+        d.default_config()
+    except (TypeError, ValueError) as e:
+        _fail(path, f"bad steering defaults {json.dumps(d.steering_defaults)}: {e}")
+    return d
+
+
+def summary(d: SafetyDictionary, path: str = "") -> str:
+    lines = [f"SafeDIG dictionary {path}".rstrip(),
+             f"  format v{FORMAT_VERSION}, family {d.family.upper()}, {len(d.entries)} position(s)"]
+    if d.steering_defaults:
+        lines.append("  steering defaults: " + ", ".join(f"{k}={v}" for k, v in d.steering_defaults.items()))
+    if d.provenance:
+        lines.append("  provenance: " + ", ".join(f"{k}={v}" for k, v in d.provenance.items()))
+    lines.append(f"  {'position':<16}{'width':>7}{'latents':>9}{'k':>5}  {'act':<9}{'scale':>9}{'gate':>9}{'harmful':>9}"
+                 "  top latents (score)")
+    for p, e in sorted(d.entries.items()):
+        s = e.sae
+        top = sorted(zip(e.scores, e.harmful), reverse=True)[:5]
+        tops = " ".join(f"{j}({v:.2f})" for v, j in top) or "-"
+        lines.append(f"  {p.name:<16}{s.d:>7}{s.latents:>9}{s.k:>5}  {s.activation:<9}{float(s.scale):>9.4g}"
+                     f"{e.gate_scale:>9.4g}{len(e.harmful):>9}  {tops}")
+        if s.normalize != "none":
+            lines.append(f"      input normalisation: {s.normalize}")
+        scalars = {k: v for k, v in e.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        if scalars:  # per-category lists stay in the file's metadata; the summary shows the headline numbers
+            lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in scalars.items()))
+    return "\n".join(lines)

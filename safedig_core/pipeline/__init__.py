@@ -1,0 +1,1 @@
+"""The dictionary-building pipeline: collect (against the Runner protocol), route, train, score harmful latents, adapt decoders, build one dictionary. May import the maths modules and formats; never an adapter or ComfyUI."""

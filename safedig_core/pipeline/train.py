@@ -1,0 +1,613 @@
+"""TopK SAE training for one position (METHOD §4), resumable bit for bit, plus quality metrics.
+
+Reference design followed (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
+- activations are multiplied by one scalar per position, `s = sqrt(d / E‖x‖²)` estimated on the first
+  `scale_batches` batches, so the SAE works on `xs = x·s` with E‖xs‖² = d; `b_dec` starts at the mean of
+  `xs` over those batches; the SAE stores `s` and speaks the model's units to its callers (sae.py);
+- `z = TopK(ReLU(W_enc (xs − b_dec) + b_enc))`, `x̂s = W_decᵀ z + b_dec`; decoder rows random unit
+  vectors at the start, `W_enc` = the decoder (the transpose of `W_decᵀ`), `b_enc` = 0;
+- loss `FVU + auxk_coef · AuxK`. FVU is normalised by the per-token variance of `xs` measured on the
+  scale batches (so every batch, whatever its size, is judged against the same baseline). AuxK: the
+  `k_aux = d/2` dead latents with the largest pre-activations reconstruct the main residual, weighted
+  by `min(dead / k_aux, 1)`; a latent is dead when it has not fired for `dead_tokens` tokens;
+- decoder rows stay unit norm: the gradient component parallel to each row is removed before the
+  Adam step and rows are renormalised after it. Adam, `lr = 2e-4 / sqrt(latents / 2**14)` unless set,
+  linear decay to 0 over the last `1 - lr_decay_start` of the steps.
+
+Data come from anything that reads like the activation store (docs/PIPELINE.md): an object with
+`iter_batches(position, batch_size, prompts=None, shuffle=False, seed=0)` yielding batches with a
+float `x [b, d]` (and `prompt`, `step`, `token`), a plain tensor `[N, d]` (`MemorySource`), a callable
+`epoch -> iterable of batches`, or a re-iterable of batches / tensors. Epoch `e` is read with shuffle
+seed `seed + e`, so a position in the data is just `(epoch, batch index)`.
+
+Checkpoints (`<path>`, one safetensors file written to a temporary name, fsynced and renamed over the
+old one, so a kill at any moment leaves the previous or the new one) hold the SAE, Adam's state, the
+dead-latent counters, the metric window, the torch RNG state, the data position, the step and the
+config as JSON metadata: nothing is unpickled on resume. Resuming replays the same batches in the same
+order through the same arithmetic, so a run killed (SIGKILL) and resumed ends with the same weights,
+bit for bit, as an uninterrupted one on the same machine, device and thread count. (On CUDA that also
+needs `torch.use_deterministic_algorithms(True)` and `CUBLAS_WORKSPACE_CONFIG=:4096:8`.) Resuming skips
+to the data position by reading the epoch's earlier batches again, which costs I/O but no compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..formats.atomic import remove_stale, replacing, write_text
+from ..sae import SparseAutoencoder
+from . import harmful as harmful_mod
+from .data import MemorySource, Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
+
+CKPT_FORMAT = 1
+CKPT_KEY = "safedig_train"
+
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config, result
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    latents: int | None = None  # number of latents; None: expansion × d
+    expansion: int = 16
+    k: int = 32
+    steps: int = 10_000
+    batch_size: int = 4096
+    lr: float | None = None  # None: 2e-4 / sqrt(latents / 2**14)
+    lr_decay_start: float = 0.8  # linear decay to 0 over the steps after this fraction (1.0: none)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 6.25e-10
+    auxk_coef: float = 1 / 32
+    k_aux: int | None = None  # None: d // 2
+    dead_tokens: int = 10_000_000  # a latent not firing for this many tokens is dead
+    scale_batches: int = 8  # batches read at the start to estimate the scale, mean and variance
+    shuffle: bool = True
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    # Fields that may change between a run and its resumption without changing its arithmetic.
+    RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+
+    def resolved(self, d: int) -> TrainConfig:
+        """A copy with `latents`, `lr` and `k_aux` filled in for width d, after validation."""
+        latents = self.latents or self.expansion * d
+        c = dataclasses.replace(self, latents=latents,
+                                lr=self.lr if self.lr is not None else 2e-4 / math.sqrt(latents / 2 ** 14),
+                                k_aux=self.k_aux if self.k_aux is not None else max(d // 2, 1),
+                                betas=tuple(self.betas))
+        problems = []
+        if not 0 < c.k <= latents:
+            problems.append(f"k={c.k} must be in 1..{latents} (the number of latents)")
+        for name in ("steps", "batch_size", "scale_batches", "checkpoint_every", "log_every", "dead_tokens", "k_aux"):
+            if getattr(c, name) < 1:
+                problems.append(f"{name}={getattr(c, name)} must be ≥ 1")
+        if not c.lr > 0:
+            problems.append(f"lr={c.lr} must be > 0")
+        if not 0.0 <= c.lr_decay_start <= 1.0:
+            problems.append(f"lr_decay_start={c.lr_decay_start} must be in [0, 1]")
+        if c.auxk_coef < 0:
+            problems.append(f"auxk_coef={c.auxk_coef} must be ≥ 0")
+        if problems:
+            raise TrainError("bad training config: " + "; ".join(problems))
+        return c
+
+    def lr_at(self, step: int) -> float:
+        return linear_decay(self.lr, step, self.steps, self.lr_decay_start)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder
+    metrics: dict  # the last logged window: fvu, auxk, l0, dead_frac, lr, step, tokens, plus scale
+    history: list[dict] = field(default_factory=list)  # every logged window (also in the JSONL log)
+    stopped: bool = False  # True when should_stop ended the run early (a checkpoint was written)
+    resumed_from: int | None = None  # the step of the checkpoint the run resumed from
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoder-norm helpers (shared with adapt.py)
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def normalize_decoder(sae: SparseAutoencoder) -> None:
+    n = sae.W_dec.norm(dim=1, keepdim=True)
+    sae.W_dec.div_(n + torch.finfo(sae.W_dec.dtype).eps)
+
+
+@torch.no_grad()
+def remove_parallel_grad(sae: SparseAutoencoder) -> None:
+    """Drop the part of each decoder row's gradient along the row (it would only change the norm)."""
+    g, w = sae.W_dec.grad, sae.W_dec
+    if g is not None:
+        g.sub_((g * w).sum(1, keepdim=True) * w)
+
+
+def decode_scaled(sae: SparseAutoencoder, vals: Tensor, idx: Tensor, bias: bool = True) -> Tensor:
+    """Scaled reconstruction Σ vals·W_dec[idx] (+ b_dec), touching only the active rows."""
+    out = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
+    return out + sae.b_dec if bias else out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+
+def atomic_save(tensors: dict[str, Tensor], meta: dict, path: str, key: str = CKPT_KEY) -> None:
+    """safetensors file with JSON metadata under `key`, written to a temporary name, fsynced, renamed."""
+    with replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={key: json.dumps(meta)})
+
+
+def _write_checkpoint(path, sae, opt, params, state: dict, meta: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in sae.state_dict().items()}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            tensors[f"opt.{pid}.{name}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        g["betas"] = list(g["betas"])
+        groups.append(g)
+    tensors.update({f"state.{k}": v for k, v in state.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and any(p.is_cuda for p in params):
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_save(tensors, {**meta, "format": CKPT_FORMAT, "param_groups": groups}, path)
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, Tensor]]:
+    """(metadata, tensors) of a training checkpoint; TrainError if it is not one."""
+    try:
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get(CKPT_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a dict
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own types for a malformed file
+        raise TrainError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if raw is None:
+        raise TrainError(f"{path}: a safetensors file, but not a SafeDIG training checkpoint")
+    meta = json.loads(raw)
+    if meta.get("format") != CKPT_FORMAT:
+        raise TrainError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    return meta, tensors
+
+
+def load_checkpoint_sae(path: str) -> SparseAutoencoder:
+    """The SAE stored in a training checkpoint (e.g. to score or bundle a finished run)."""
+    meta, t = read_checkpoint(path)
+    sae = SparseAutoencoder(meta["d"], meta["config"]["latents"], meta["config"]["k"])
+    sae.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
+    return sae
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+def _estimate(stream: Stream, n_batches: int, d: int | None):
+    """Scale s, scaled mean and scaled per-token variance from the first batches of epoch 0 (float64)."""
+    width, n, s1, s2 = moments(stream, n_batches, d, lambda i: f"epoch 0, batch {i}")
+    if n == 0:
+        raise TrainError("no activations to train on: the data source yielded no rows "
+                         "(empty store, or no prompts of the requested domain at this position)")
+    msq = float(s2) / n
+    if msq <= 0:
+        raise TrainError("all activations are zero: nothing to train on")
+    scale = math.sqrt(width / msq)
+    mean = s1 / n
+    var = msq - float(mean.pow(2).sum())  # E‖x − μ‖² in model units
+    if var <= 1e-12 * msq:
+        raise TrainError("activations do not vary (every row is the same): nothing to train on")
+    return width, scale, (mean * scale).float(), var * scale ** 2
+
+
+def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None, prompts: Any = None,
+              checkpoint: str | None = None, log: str | None = None, resume: bool = True,
+              device: str | torch.device | None = None,
+              progress: Callable[[int, int, dict | None], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train a TopK SAE on the batches of `data` at `position` (see the module docstring).
+
+    `prompts` restricts the store to those prompt indices (e.g. the source domain). With `checkpoint`
+    set, a checkpoint is written every `cfg.checkpoint_every` steps, on stop and at the end; when the
+    file exists and `resume` is true, the run continues from it. `log` is a JSONL file of the metric
+    windows (on resume, lines after the checkpoint's step are dropped). `progress(step, total, last
+    window or None)` is called after every step; `should_stop()` is polled after every step.
+    """
+    cfg = cfg or TrainConfig()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    stream = Stream(data, position, cfg.batch_size, prompts, cfg.shuffle, cfg.seed)
+    d = stream.width()
+
+    meta = tensors = None
+    if checkpoint:
+        remove_stale(checkpoint)
+    if checkpoint and resume and os.path.exists(checkpoint):
+        meta, tensors = read_checkpoint(checkpoint)
+        if d is not None and meta["d"] != d:
+            raise TrainError(f"{checkpoint}: checkpoint has width {meta['d']} but the data has width {d}")
+        if position is not None and meta.get("position") not in (None, str(position)):
+            raise TrainError(f"{checkpoint}: checkpoint is for position {meta['position']}, not {position}")
+        d = meta["d"]
+        cfg = _resume_config(cfg, meta, checkpoint)
+    else:
+        d, scale, mean, var = _estimate(stream, cfg.scale_batches, d)
+        cfg = cfg.resolved(d)
+    if meta is not None:
+        cfg = cfg.resolved(d)
+
+    L = cfg.latents
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sae = SparseAutoencoder.init_random(d, L, cfg.k, generator=gen)
+    since_fired = torch.zeros(L, dtype=torch.long)
+    window = torch.zeros(5, dtype=torch.float64)  # fvu, auxk, l0 sums, steps, tokens in the window
+    if meta is None:
+        with torch.no_grad():
+            sae.scale.fill_(scale)
+            sae.b_dec.copy_(mean)
+        var_tok = torch.tensor(var, dtype=torch.float64)
+        step, epoch, index, tokens = 0, 0, 0, 0
+    else:
+        sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        since_fired = tensors["state.since_fired"].clone()
+        window = tensors["state.window"].clone()
+        var_tok = tensors["state.var_tok"].clone()
+        step, epoch, index, tokens = meta["step"], meta["epoch"], meta["index"], meta["tokens"]
+    sae = sae.to(dev)
+    since_fired, window, var_tok = since_fired.to(dev), window.to(dev), var_tok.to(dev)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if meta is not None:
+        _load_optimizer(opt, meta, tensors)
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and dev.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    resumed_from = meta["step"] if meta is not None else None
+    history = _open_log(log, step if meta is not None else None)
+
+    def save_ckpt():
+        if checkpoint:
+            state = {"since_fired": since_fired, "window": window, "var_tok": var_tok}
+            _write_checkpoint(checkpoint, sae, opt, params, state,
+                              {"d": d, "position": str(position) if position is not None else None,
+                               "config": cfg.to_json(), "step": step, "epoch": epoch, "index": index,
+                               "tokens": tokens, "done": step >= cfg.steps})
+
+    it = stream.epoch(epoch) if step < cfg.steps else iter(())
+    for _ in range(index if step < cfg.steps else 0):  # skip to the data position of the checkpoint
+        if next(it, None) is None:
+            raise TrainError(f"the data has fewer batches than the checkpoint's position "
+                             f"(epoch {epoch}, batch {index}): it changed since the checkpoint was written")
+    last = history[-1] if history else None
+    stopped = False
+    k_aux = min(cfg.k_aux, L)
+    while step < cfg.steps:
+        b = next(it, None)
+        if b is None:
+            if index == 0:
+                raise TrainError(f"no activations to train on: epoch {epoch} of the data is empty")
+            epoch, index = epoch + 1, 0
+            it = stream.epoch(epoch)
+            continue
+        x = checked(batch_x(b), d, f"epoch {epoch}, batch {index}").to(dev)
+        index += 1
+        if x.shape[0] == 0:
+            continue
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        fvu, auxk, l0, fired = _train_step(sae, x * sae.scale, var_tok, since_fired >= cfg.dead_tokens,
+                                           k_aux, cfg.auxk_coef, opt)
+        n = x.shape[0]
+        since_fired += n
+        since_fired[fired] = 0
+        tokens += n
+        step += 1
+        window += torch.stack([fvu, auxk, l0, torch.ones_like(fvu), torch.full_like(fvu, n)])
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            last = _log_window(window, step, tokens, epoch, since_fired, cfg, log, history)
+            window.zero_()
+        if checkpoint and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_ckpt()
+        if progress is not None:
+            progress(step, cfg.steps, last)
+        if should_stop is not None and step < cfg.steps and should_stop():
+            stopped = True
+            save_ckpt()
+            break
+    if (last is None or last["step"] != step) and window[3] > 0:
+        # stopped between two log steps: report the partial window, but keep it out of the log and the
+        # history, which the checkpoint's window will complete when the run resumes
+        last = _log_window(window, step, tokens, epoch, since_fired, cfg, None, [])
+    metrics = dict(last or {"step": step, "tokens": tokens})
+    metrics["scale"] = float(sae.scale)
+    return TrainResult(sae, metrics, history, stopped, resumed_from)
+
+
+def _train_step(sae, xs, var_tok, dead, k_aux, auxk_coef, opt):
+    pre = sae.pre_acts(xs)
+    vals, idx = pre.topk(sae.k, dim=-1, sorted=False)
+    vals = vals.relu()
+    e = xs - decode_scaled(sae, vals, idx)
+    denom = var_tok.float() * xs.shape[0]
+    fvu = e.pow(2).sum() / denom
+    loss = fvu
+    n_dead = int(dead.sum())
+    if n_dead and auxk_coef:
+        ka = min(k_aux, n_dead)
+        a_vals, a_idx = pre.masked_fill(~dead, -torch.inf).topk(ka, dim=-1, sorted=False)
+        e_hat = decode_scaled(sae, a_vals.relu(), a_idx, bias=False)
+        auxk = min(n_dead / k_aux, 1.0) * (e_hat - e.detach()).pow(2).sum() / denom
+        loss = loss + auxk_coef * auxk
+    else:
+        auxk = torch.zeros((), device=xs.device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    remove_parallel_grad(sae)
+    opt.step()
+    normalize_decoder(sae)
+    active = vals > 0
+    fired = torch.zeros(sae.latents, dtype=torch.bool, device=xs.device)
+    fired[idx[active]] = True
+    l0 = active.sum(1).double().mean()
+    return fvu.detach().double(), auxk.detach().double(), l0, fired
+
+
+def _log_window(window, step, tokens, epoch, since_fired, cfg, log, history) -> dict:
+    w = window.tolist()
+    n = max(w[3], 1.0)
+    entry = {"step": step, "tokens": tokens, "epoch": epoch, "fvu": w[0] / n, "auxk": w[1] / n,
+             "l0": w[2] / n, "dead_frac": float((since_fired >= cfg.dead_tokens).double().mean()),
+             "lr": cfg.lr_at(step - 1)}
+    history.append(entry)
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+    return entry
+
+
+def _open_log(log: str | None, resume_step: int | None) -> list[dict]:
+    """Fresh run: empty the log. Resume: keep the entries up to the checkpoint's step."""
+    if not log:
+        return []
+    remove_stale(log)
+    kept = []
+    if resume_step is not None and os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if e.get("step", math.inf) <= resume_step:
+                    kept.append(e)
+    write_text(log, "".join(json.dumps(e) + "\n" for e in kept))
+    return kept
+
+
+def _resume_config(cfg: TrainConfig, meta: dict, path: str) -> TrainConfig:
+    saved = dict(meta["config"])
+    saved["betas"] = tuple(saved["betas"])
+    mine = cfg.to_json()
+    mine["betas"] = tuple(mine["betas"])
+    # fields left to None (auto) in the caller's config take the checkpoint's resolved value
+    differ = [k for k, v in mine.items()
+              if k not in TrainConfig.RESUMABLE_CHANGES and v is not None and v != saved.get(k)]
+    if differ:
+        pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in differ)
+        raise TrainError(f"{path}: the checkpoint was written with a different training config ({pairs}); "
+                         "resume with the same settings or start afresh (delete the checkpoint)")
+    return dataclasses.replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in TrainConfig.RESUMABLE_CHANGES})
+
+
+def _load_optimizer(opt, meta, tensors) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, data: Any, *, position: Any = None, prompts: Any = None,
+             batch_size: int = 4096, max_batches: int | None = None) -> dict:
+    """FVU (against the data's own mean), mean L0 and the fraction of latents that never fired, in one
+    streamed pass (float64 sums). TopK SAEs only."""
+    stream = Stream(data, position, batch_size, prompts, shuffle=False)
+    dev = sae.W_dec.device
+    n, err, s1, s2 = 0, 0.0, torch.zeros(sae.d, dtype=torch.float64, device=dev), 0.0
+    l0 = 0.0
+    fired = torch.zeros(sae.latents, dtype=torch.bool, device=dev)
+    for i, b in enumerate(stream.epoch(0)):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = checked(batch_x(b), sae.d, f"batch {i}").to(dev, sae.W_dec.dtype)
+        if not len(x):
+            continue
+        xs = sae.prepare(x)
+        vals, idx = sae.encode_sparse(xs)
+        e = xs - decode_scaled(sae, vals, idx)
+        n += x.shape[0]
+        err += float(e.double().pow(2).sum())
+        s1 += xs.double().sum(0)
+        s2 += float(xs.double().pow(2).sum())
+        active = vals > 0
+        l0 += float(active.sum())
+        fired[idx[active]] = True
+    if n == 0:
+        raise TrainError("no activations to evaluate on")
+    total = s2 - float(s1.pow(2).sum()) / n
+    return {"fvu": err / max(total, 1e-30), "l0": l0 / n, "dead_frac": 1.0 - float(fired.double().mean()),
+            "tokens": n}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spliced error
+# ---------------------------------------------------------------------------------------------------
+
+def splice(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
+    """The replacement to put at the position when measuring the spliced error: x [..., d] → x̂ in x's
+    dtype and device (the SAE must already be on that device)."""
+
+    @torch.no_grad()
+    def replace(x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(sae.W_dec.dtype)
+        return sae(flat).to(x.dtype).reshape(x.shape)
+
+    return replace
+
+
+@torch.no_grad()
+def spliced_error(run: Callable[[Any], tuple], inputs: Iterable[Any]) -> dict:
+    """The model-level reconstruction error (METHOD §4): how much the model's prediction changes when
+    the SAE's reconstruction replaces the activation at the position.
+
+    `run(item)` runs the model twice on one input — once untouched and once with the activation at the
+    position replaced (typically by `splice(sae)`) — and returns `(clean, spliced)` predictions, or
+    `(clean, spliced, target)` when the training target of the prediction is known (for a diffusion
+    model, e.g. the noise or velocity the prediction should match). Sums are over all items:
+    - `rel_change` = Σ‖spliced − clean‖² / Σ‖clean‖²: how much splicing moves the prediction;
+    - with targets, `loss_clean` and `loss_spliced` (MSE to the target) and `loss_increase`
+      = (loss_spliced − loss_clean) / loss_clean, the relative extra prediction error.
+    """
+    n_items, n_el, change, norm, lc, ls = 0, 0, 0.0, 0.0, 0.0, 0.0
+    with_target = None
+    for item in inputs:
+        out = run(item)
+        if len(out) not in (2, 3):
+            raise ValueError("spliced_error: run(item) must return (clean, spliced) or (clean, spliced, target)")
+        has_t = len(out) == 3
+        if with_target is None:
+            with_target = has_t
+        elif with_target != has_t:
+            raise ValueError("spliced_error: run(item) returned a target for some items and not others")
+        clean, spl = out[0].double(), out[1].double()
+        if clean.shape != spl.shape:
+            raise ValueError(f"spliced_error: clean {list(clean.shape)} and spliced {list(spl.shape)} predictions differ in shape")
+        change += float((spl - clean).pow(2).sum())
+        norm += float(clean.pow(2).sum())
+        if has_t:
+            t = out[2].double()
+            lc += float((clean - t).pow(2).sum())
+            ls += float((spl - t).pow(2).sum())
+        n_items += 1
+        n_el += clean.numel()
+    if n_items == 0:
+        raise ValueError("spliced_error: no inputs")
+    res = {"items": n_items, "rel_change": change / max(norm, 1e-30)}
+    if with_target:
+        res.update(loss_clean=lc / n_el, loss_spliced=ls / n_el, loss_increase=(ls - lc) / max(lc, 1e-30))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Store level: `safedig train`
+# ---------------------------------------------------------------------------------------------------
+
+
+def tqdm_progress(desc: str, total: int):
+    """A progress callback drawing a tqdm bar; call `.close()` on the returned callback when done."""
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+    shown = [None]
+
+    def cb(step, total_, last):
+        bar.update(step - bar.n)
+        if last is not None and last is not shown[0]:
+            shown[0] = last
+            post = {k: last[k] for k in ("fvu", "l0", "dead_frac", "fvu_target", "fvu_source") if k in last}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
+
+    cb.close = bar.close
+    return cb
+
+
+def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: TrainConfig | None = None,
+                harmful_cfg: Any = None, *, dictionary_path: str | None = None, resume: bool = True,
+                device: Any = None, eval_batches: int | None = 32, progress: bool = True,
+                should_stop: Callable[[], bool] | None = None, provenance: dict | None = None,
+                auto_dead_tokens: bool = False) -> dict:
+    """Train one SAE per position of an activation store on its source-domain rows, score harmful
+    latents, and write the (partial, after every position) dictionary file. Checkpoints and logs go to
+    `out_dir/<position>.ckpt.safetensors` / `.log.jsonl`. Returns {position name: metrics}.
+    Raises KeyboardInterrupt when `should_stop` stopped a run (its checkpoint and the dictionary of the
+    finished positions are written first). `auto_dead_tokens` caps `cfg.dead_tokens` at half the
+    position's rows, so that small stores still see AuxK at work."""
+    from ..formats.dictionary import DictionaryEntry, SafetyDictionary, save
+
+    cfg = cfg or TrainConfig()
+    positions = list(positions if positions is not None else store.positions)
+    if not positions:
+        raise TrainError("no positions to train")
+    src = domain_prompts(store, "source")
+    if not src:
+        raise TrainError("the store has no source-domain prompts: the dictionary is trained on the source domain")
+    dictionary_path = dictionary_path or os.path.join(out_dir, "dictionary.safetensors")
+    os.makedirs(out_dir, exist_ok=True)
+    entries, report = {}, {}
+    for p in positions:
+        base = os.path.join(out_dir, str(p))
+        pcfg = cfg
+        if auto_dead_tokens and hasattr(store, "rows"):
+            pcfg = dataclasses.replace(cfg, dead_tokens=max(1, min(cfg.dead_tokens, store.rows(p) // 2)))
+        cb = tqdm_progress(str(p), cfg.steps) if progress else None
+        try:
+            res = train_sae(store, pcfg, position=p, prompts=src, checkpoint=base + ".ckpt.safetensors",
+                            log=base + ".log.jsonl", resume=resume, device=device, progress=cb,
+                            should_stop=should_stop)
+        finally:
+            if cb is not None:
+                cb.close()
+        if res.stopped:
+            if entries:
+                save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=True)), dictionary_path)
+            raise KeyboardInterrupt
+        sae = res.sae
+        ev = evaluate(sae, store, position=p, prompts=src, batch_size=cfg.batch_size, max_batches=eval_batches)
+        hs = harmful_mod.find_harmful(sae, store, store.prompts, harmful_cfg, position=p, domain="source",
+                                      batch_size=cfg.batch_size)
+        metrics = {"fvu": ev["fvu"], "l0": ev["l0"], "dead_frac": res.metrics.get("dead_frac", ev["dead_frac"]),
+                   "never_fired_frac": ev["dead_frac"], "train_steps": res.metrics.get("step", cfg.steps),
+                   "train_tokens": res.metrics.get("tokens", 0), **hs.metadata()}
+        entries[p] = DictionaryEntry(p, sae.cpu().requires_grad_(False), hs.indices, hs.scores, hs.safe_values, metrics)
+        report[str(p)] = dict(metrics, harmful=len(hs.indices))
+        partial = len(entries) < len(positions)
+        save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=partial)), dictionary_path)
+    return report
+
+
