@@ -12,10 +12,10 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..safedig_core.pipeline.adapt import AdaptConfig
-from ..safedig_core.pipeline.build import BuildConfig, build
 from ..safedig_core.formats.dictionary import load, summary
 from ..safedig_core.formats.store import ActivationStore
+from ..safedig_core.pipeline.adapt import AdaptConfig
+from ..safedig_core.pipeline.build import BuildConfig, build
 from ..safedig_core.pipeline.train import TrainConfig
 from .api import CATEGORY, io
 from .collect_activations import store_path
@@ -38,7 +38,8 @@ class SafeDIGBuildDictionary(io.ComfyNode):
                                 tooltip="Output name given to SafeDIG Collect Activations, or a store folder path"),
                 io.String.Input("dictionary_name", default="my_dictionary",
                                 tooltip="File name in models/sae/ (.safetensors is added)"),
-                io.Int.Input("positions", default=3, min=1, max=16, tooltip="How many positions to route to"),
+                io.Int.Input("routed_positions", default=3, min=1, max=16,
+                             tooltip="How many positions routing picks to train an SAE at (top K by routing score)"),
                 io.Int.Input("train_steps", default=10000, min=10, max=1_000_000),
                 io.Int.Input("adapt_steps", default=1000, min=0, max=1_000_000,
                              tooltip="Decoder adaptation steps on the store's target domain (0: none)"),
@@ -51,7 +52,7 @@ class SafeDIGBuildDictionary(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, store, dictionary_name, positions, train_steps, adapt_steps, expansion, k, batch_size,
+    def execute(cls, store, dictionary_name, routed_positions, train_steps, adapt_steps, expansion, k, batch_size,
                 seed) -> io.NodeOutput:
         path = store if os.path.isdir(store) else store_path(store)
         if not os.path.isdir(path):
@@ -62,10 +63,10 @@ class SafeDIGBuildDictionary(io.ComfyNode):
         if not name.endswith(".safetensors"):
             name += ".safetensors"
         out = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
-        cfg = BuildConfig(top_k=positions,
+        cfg = BuildConfig(top_k=routed_positions,
                           train=TrainConfig(expansion=expansion, k=k, steps=train_steps, batch_size=batch_size, seed=seed),
                           adapt=AdaptConfig(steps=adapt_steps, batch_size=batch_size, seed=seed) if adapt_steps else None)
-        bar = comfy.utils.ProgressBar(positions * (train_steps + adapt_steps))
+        bar = comfy.utils.ProgressBar(routed_positions * (train_steps + adapt_steps))
 
         def should_stop() -> bool:  # polled once per optimisation step: it also advances the bar
             bar.update(1)

@@ -17,11 +17,11 @@ import comfy.utils
 import folder_paths
 
 from ..safedig_core.adapters.comfy.runner import ComfyRunner, clip_encoder, model_fingerprint
-from ..safedig_core.pipeline import collect as core
 from ..safedig_core.adapters.comfy.runtime import layout_of
 from ..safedig_core.formats.prompts import load_prompts
 from ..safedig_core.formats.prompts import summary as prompt_summary
 from ..safedig_core.formats.store import ActivationStore, summary
+from ..safedig_core.pipeline import collect as core
 from .api import CATEGORY, io
 
 STORE_FOLDER = "safedig_activations"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import folder_paths
 
+from ..safedig_core.adapters.comfy.patches import SharedSteerers
 from ..safedig_core.formats import dictionary
-from ..safedig_core.adapters.comfy.patches import SteeringStore
 from .api import CATEGORY, DICTIONARY, io
 
 FOLDER = "sae"
@@ -25,12 +25,12 @@ class LoadedDictionary:
     """What travels on the SAFEDIG_DICTIONARY socket: the file's content and its shared SAE store."""
     name: str
     dictionary: dictionary.SafetyDictionary
-    store: SteeringStore
+    store: SharedSteerers
 
     @classmethod
     def from_file(cls, path: str, name: str | None = None) -> "LoadedDictionary":
         d = dictionary.load(path)
-        store = SteeringStore({p: e.steerer() for p, e in d.entries.items()})
+        store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
         return cls(name or os.path.basename(path), d, store)
 
 

@@ -8,29 +8,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..safedig_core.adapters.comfy.patches import SteeringStore
+from ..safedig_core.adapters.comfy.patches import SharedSteerers
+from ..safedig_core.formats.dictionary import parse_latents
 from ..safedig_core.positions import parse_list
 from .api import CATEGORY, DICTIONARY, io
 from .load_dictionary import LoadedDictionary
 
 MODES = ("replace", "add", "remove")
-
-
-def parse_latents(text: str, latents: int, position) -> list[int]:
-    out = []
-    for part in text.replace(" ", ",").split(","):
-        if not part:
-            continue
-        try:
-            j = int(part)
-        except ValueError:
-            raise ValueError(f"latents: {part!r} is not a latent index (expected a comma list like 12, 873, 4051)") from None
-        if not 0 <= j < latents:
-            raise ValueError(f"latent {j} is out of range for position {position}, whose SAE has {latents} latents "
-                             f"(0..{latents - 1})")
-        if j not in out:
-            out.append(j)
-    return out
 
 
 def select(loaded: LoadedDictionary, position: str, latents: str, mode: str = "replace") -> LoadedDictionary:
@@ -56,7 +40,7 @@ def select(loaded: LoadedDictionary, position: str, latents: str, mode: str = "r
     new_entry = replace(entry, harmful=keep, scores=scores, safe_values=safe)
     entries = {**d.entries, p: new_entry}
     steerers = {**loaded.store.steerers, p: new_entry.steerer()}
-    return LoadedDictionary(loaded.name, replace(d, entries=entries), SteeringStore(steerers))
+    return LoadedDictionary(loaded.name, replace(d, entries=entries), SharedSteerers(steerers))
 
 
 class SafeDIGSelectFeatures(io.ComfyNode):

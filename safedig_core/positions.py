@@ -101,18 +101,39 @@ class ModelLayout:
                                 "there has no effect; use an earlier block or the img stream")
 
 
-def parse_list(spec: str, available: list[Position]) -> list[Position]:
-    """`all` or a comma list of names; every name must be among `available` (e.g. a dictionary's positions)."""
-    if spec.strip().lower() in ("", "all"):
-        return list(available)
+def parse_list(spec, available: list[Position], holder: str = "the dictionary") -> list[Position]:
+    """`all`, a comma list of names or a list of names/Positions; every one must be among `available` (the
+    positions of `holder`, e.g. a dictionary or a store); duplicates and blank names dropped."""
+    if isinstance(spec, str):
+        if spec.strip().lower() in ("", "all"):
+            return list(available)
+        spec = spec.split(",")
     chosen = []
-    for part in spec.split(","):
-        if not part.strip():
+    for part in spec:
+        if isinstance(part, str) and not part.strip():
             continue
-        p = parse(part)
+        p = part if isinstance(part, Position) else parse(part)
         if p not in available:
             names = ", ".join(str(a) for a in available) or "none"
-            raise PositionError(f"position {p} was asked for but is not in the dictionary (it has: {names})")
+            raise PositionError(f"position {p} was asked for but is not in {holder} (it has: {names})")
+        if p not in chosen:
+            chosen.append(p)
+    return chosen
+
+
+def for_layout(spec, layout: ModelLayout) -> list[Position]:
+    """`all`, a comma list of names, or a list of names/Positions; each checked against the model layout
+    (`PositionError` naming the position and the model's blocks); duplicates and blank names dropped."""
+    if isinstance(spec, str):
+        if spec.strip().lower() in ("", "all"):
+            return layout.positions()
+        spec = spec.split(",")
+    chosen = []
+    for item in spec:
+        if isinstance(item, str) and not item.strip():
+            continue
+        p = item if isinstance(item, Position) else parse(str(item))
+        layout.check(p)
         if p not in chosen:
             chosen.append(p)
     return chosen
@@ -130,9 +151,13 @@ def group(p: Position, layout: ModelLayout | None = None) -> str:
     return "visual_binding"
 
 
-def depth(p: Position, layout: ModelLayout) -> float:
-    """Relative depth in [0, 1] across the whole stack (FLUX single blocks follow the double ones)."""
+def block_number(p: Position, layout: ModelLayout) -> int:
+    """The block's place in the whole stack, from 0 (FLUX single blocks follow the double ones)."""
     order = FAMILIES[layout.family]
-    total = sum(layout.blocks.get(k, 0) for k in order)
-    before = sum(layout.blocks.get(k, 0) for k in order[: order.index(p.kind)])
-    return (before + p.index) / max(total - 1, 1)
+    return sum(layout.blocks.get(k, 0) for k in order[: order.index(p.kind)]) + p.index
+
+
+def depth(p: Position, layout: ModelLayout) -> float:
+    """Relative depth in [0, 1] across the whole stack."""
+    total = sum(layout.blocks.get(k, 0) for k in FAMILIES[layout.family])
+    return block_number(p, layout) / max(total - 1, 1)

@@ -24,7 +24,8 @@ def schedule_progress(sigma: Tensor | float | None, sample_sigmas: Tensor | None
     return None if i is None else i / (len(sample_sigmas) - 1)
 
 
-def in_window(progress: float | None, cfg: SteeringConfig) -> bool:
+def in_window(progress: float | None, cfg) -> bool:
+    """Whether a call at `progress` lies in the window [cfg.start, cfg.end) of a SteeringConfig."""
     if progress is None:  # no schedule known (a bare forward call): the window cannot exclude it
         return True
     return cfg.start <= progress < cfg.end or (cfg.end >= 1.0 and progress >= cfg.start)

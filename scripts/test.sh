@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite from nothing: set up, then pytest (extra arguments go to pytest; naming test files or
-# folders, e.g. `bash scripts/test.sh tests/test_convert.py -q`, runs only those).
+# The whole test suite from nothing: set up, lint (ruff, config in pyproject.toml; a finding fails the run), then
+# pytest (extra arguments go to pytest; naming test files or folders, e.g. `bash scripts/test.sh tests/test_convert.py
+# -q`, runs only those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+venv=${SAFEDIG_VENV:-$PWD/.venv}
+"$venv/bin/python" -m ruff check --quiet . || { echo "ruff found problems (above): fix them, or run '$venv/bin/python -m ruff check --fix .'" >&2; exit 1; }
 for a in "$@"; do
-  [[ $a == tests* ]] && exec .venv/bin/python -m pytest "$@"
+  [[ $a == tests* ]] && exec "$venv/bin/python" -m pytest "$@"
 done
-exec .venv/bin/python -m pytest tests "$@"
+exec "$venv/bin/python" -m pytest tests "$@"

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from safedig_core.pipeline.adapt import AdaptConfig, AdaptError, adapt_decoder, rescore_harmful
-from safedig_core.sae import SparseAutoencoder
 from safedig_core.pipeline.data import MemorySource, TrainError
 from safedig_core.pipeline.train import TrainConfig, train_sae
+from safedig_core.sae import SparseAutoencoder
 
 d, BENIGN, HARM = 32, 48, 16
 ROTATED = list(range(BENIGN, BENIGN + 8))
@@ -157,8 +157,8 @@ def test_bad_input_is_refused(domains):
 # --- `safedig train` → `safedig adapt` through a real activation store ---------------------------------
 
 def test_cli_train_then_adapt_through_a_store(tmp_path, capsys):
-    from safedig_core.formats import dictionary
     from safedig_core.cli import main
+    from safedig_core.formats import dictionary
     from safedig_core.formats.prompts import PromptRecord
     from safedig_core.formats.store import StoreWriter
 
@@ -210,8 +210,9 @@ def test_cli_train_then_adapt_through_a_store(tmp_path, capsys):
     assert torch.equal(a.entries[parse_pos("double.0.img")].sae.W_dec, d.entries[parse_pos("double.0.img")].sae.W_dec)
     # interruption: the running position checkpoints and stops; the finished ones are in the dictionary
     from safedig_core.formats.store import ActivationStore
+    from safedig_core.pipeline.checkpoint import read_checkpoint
     from safedig_core.pipeline.train import TrainConfig as TC
-    from safedig_core.pipeline.train import read_checkpoint, train_store
+    from safedig_core.pipeline.train import train_store
 
     calls = []
     with pytest.raises(KeyboardInterrupt):

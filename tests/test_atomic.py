@@ -12,11 +12,10 @@ from safedig_core.formats.atomic import remove_stale, replacing, write_text
 def test_write_replaces_whole_and_failure_keeps_the_old_file(tmp_path):
     path = str(tmp_path / "sub" / "report.json")
     write_text(path, "old")
-    with pytest.raises(RuntimeError):
-        with replacing(path) as tmp:
-            with open(tmp, "w") as f:
-                f.write("half of the new")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half of the new")
+        raise RuntimeError("killed mid-write")
     assert open(path).read() == "old"
     assert os.listdir(tmp_path / "sub") == ["report.json"]
     write_text(path, "new")

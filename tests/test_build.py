@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from safedig_core.adapters.comfy import runtime as comfyui
-from safedig_core.pipeline.adapt import AdaptConfig
-from safedig_core.pipeline.build import SOURCE_DICTIONARY, BuildConfig, build
 from safedig_core.adapters.comfy.runner import ComfyRunner, tiny_encoder
-from safedig_core.pipeline.collect import collect
 from safedig_core.formats.dictionary import load
-from safedig_core.positions import parse
 from safedig_core.formats.prompts import PromptRecord
 from safedig_core.formats.store import ActivationStore
+from safedig_core.pipeline.adapt import AdaptConfig
+from safedig_core.pipeline.build import SOURCE_DICTIONARY, BuildConfig, build
+from safedig_core.pipeline.collect import collect
 from safedig_core.pipeline.train import TrainConfig
+from safedig_core.positions import parse
 
 pytestmark = pytest.mark.comfy
 
@@ -101,7 +101,7 @@ def test_build_node_saves_into_models_sae(comfy, store, tmp_path, monkeypatch):
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(tmp_path)], {".safetensors"}))
     node = comfy.NODE_CLASS_MAPPINGS["SafeDIGBuildDictionary"]
-    text = node.execute(store=store.path, dictionary_name="from_node", positions=1, train_steps=20, adapt_steps=10,
+    text = node.execute(store=store.path, dictionary_name="from_node", routed_positions=1, train_steps=20, adapt_steps=10,
                         expansion=2, k=4, batch_size=64, seed=0).result[0]
     assert (tmp_path / "from_node.safetensors").exists()
     assert "routed:" in text and "family FLUX" in text

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safedig_core.formats import dictionary
 from safedig_core.cli import main
+from safedig_core.formats import dictionary
 from safedig_core.formats.dictionary import DictionaryEntry, SafetyDictionary
 from safedig_core.positions import parse
 from safedig_core.sae import SparseAutoencoder

@@ -12,6 +12,8 @@ import torch
 from safedig_core import cli
 from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.adapters.comfy.runner import ComfyRunner, tiny_encoder
+from safedig_core.formats.prompts import PromptRecord
+from safedig_core.formats.store import ActivationStore, summary
 from safedig_core.pipeline.collect import (
     CollectError,
     collect,
@@ -20,8 +22,6 @@ from safedig_core.pipeline.collect import (
     token_indices,
 )
 from safedig_core.positions import PositionError
-from safedig_core.formats.prompts import PromptRecord
-from safedig_core.formats.store import ActivationStore, summary
 
 pytestmark = pytest.mark.comfy
 

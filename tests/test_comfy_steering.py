@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_dictionary
+
 from safedig_core.adapters.comfy import runtime as comfyui
-from safedig_core.adapters.comfy.patches import SteeringStore
+from safedig_core.adapters.comfy.patches import SharedSteerers
 from safedig_core.formats.dictionary import save
 
 pytestmark = pytest.mark.comfy
@@ -62,7 +62,7 @@ def apply(comfy, model, loaded, **kw):
 class Recorder:
     """Wraps each steerer of a store to record (position, tokens seen, rows mask, changed?)."""
 
-    def __init__(self, store: SteeringStore, monkeypatch):
+    def __init__(self, store: SharedSteerers, monkeypatch):
         self.calls = []
         for p, st in store.steerers.items():
             orig = st.steer

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safedig_core.adapters.comfy import runtime as comfyui
-from safedig_core.adapters.comfy.patches import SteeringStore
-from safedig_core.formats.dictionary import DictionaryError, save
+from safedig_core.adapters.comfy.patches import SharedSteerers
 from safedig_core.adapters.diffusers.hooks import HALVES, layout_of, record, steer
+from safedig_core.formats.dictionary import DictionaryError, save
 from safedig_core.positions import PositionError, parse, parse_list
 from safedig_core.steering import PositionSteerer, SteeringConfig
 
@@ -134,7 +134,7 @@ class ComfyAdapter(Adapter):
             layout = comfyui.layout_of(dm)
             chosen = parse_list(positions if isinstance(positions, str) else ",".join(positions), d.positions)
             d.check_layout(layout, chosen)
-            store = SteeringStore({p: d.entries[p].steerer() for p in chosen})
+            store = SharedSteerers({p: d.entries[p].steerer() for p in chosen})
             patcher = comfyui.steer_model(patcher, store, chosen, cfg, layout)
         if rec:
             patcher = comfyui.recording_model(patcher, [parse(n) for n in rec],

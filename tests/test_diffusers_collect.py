@@ -10,14 +10,14 @@ import pytest
 import torch
 from test_diffusers_adapter import tiny_diffusers
 
-from safedig_core.pipeline.build import BuildConfig, build
-from safedig_core.pipeline.collect import collect, prompt_seed, token_indices
 from safedig_core.adapters.diffusers.hooks import record, steer
 from safedig_core.adapters.diffusers.runner import DiffusersRunner
 from safedig_core.formats.prompts import PromptRecord
-from safedig_core.steering import SteeringConfig
 from safedig_core.formats.store import ActivationStore, StoreError
+from safedig_core.pipeline.build import BuildConfig, build
+from safedig_core.pipeline.collect import collect, prompt_seed, token_indices
 from safedig_core.pipeline.train import TrainConfig
+from safedig_core.steering import SteeringConfig
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -8,11 +8,11 @@ from importlib import import_module
 import numpy as np
 import pytest
 import torch
+from conftest import make_dictionary
 from PIL import Image
 
-from conftest import make_dictionary
-from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.adapters.comfy import feature_map as fm
+from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.formats.dictionary import save
 from safedig_core.positions import parse
 
@@ -152,7 +152,7 @@ def test_feature_map_node_end_to_end(comfy, flux, tmp_path):
         latent, image, heatmaps, summary = node.execute(**args, positions="all").result
     assert latent["samples"].shape == (1, 16, 8, 8)
     assert image.shape == (1, 64, 64, 3)
-    assert heatmaps.shape == (2, 360, 340, 3) and 0 <= float(heatmaps.min()) and float(heatmaps.max()) <= 1
+    assert heatmaps.shape == (2, 360, 340, 3) and float(heatmaps.min()) >= 0 and float(heatmaps.max()) <= 1
     assert summary.splitlines()[0].startswith("double.0.img:") and summary.splitlines()[1].startswith("single.1.img:")
     buf = io.BytesIO()
     Image.fromarray((heatmaps[0].numpy() * 255).astype(np.uint8)).save(buf, format="PNG")  # a valid picture

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from safedig_core.formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
+from safedig_core.pipeline.data import MemorySource
 from safedig_core.pipeline.harmful import (
     HarmfulConfig,
     HarmfulError,
     collect_stats,
     find_harmful,
-    select,
+    select_latents,
 )
 from safedig_core.positions import parse
 from safedig_core.sae import SparseAutoencoder
-from safedig_core.pipeline.data import MemorySource
 
 
 @dataclass
@@ -99,7 +99,7 @@ def test_planted_harmful_features_rank_first(sae, data):
 
 
 def test_per_category_and_overall_scores(stats):
-    res = select(stats)
+    res = select_latents(stats)
     nud, vio = res.per_category["nudity"], res.per_category["violence"]
     for j in NUDITY:
         assert nud[j] > 0.5 and vio[j] == 0.0 and 0 < res.overall[j] < nud[j]
@@ -110,9 +110,9 @@ def test_per_category_and_overall_scores(stats):
     assert set(cats) == {"nudity", "violence"} and all(len(v) == len(res.indices) for v in cats.values())
     json.dumps(res.metadata())
     # a latent specific to one category qualifies through that category even if the pooled score is low
-    low = select(stats, HarmfulConfig(threshold=0.0))
+    low = select_latents(stats, HarmfulConfig(threshold=0.0))
     assert SPARSE in low.indices and RARE not in low.indices
-    assert SPARSE not in select(stats, HarmfulConfig(threshold=0.0, per_category=False, min_unsafe_rate=0.04)).indices
+    assert SPARSE not in select_latents(stats, HarmfulConfig(threshold=0.0, per_category=False, min_unsafe_rate=0.04)).indices
 
 
 def test_streaming_sums_do_not_depend_on_batching(sae, data, stats):
@@ -120,7 +120,7 @@ def test_streaming_sums_do_not_depend_on_batching(sae, data, stats):
     b = stats  # batch size 4096
     for name in ("n", "s1", "s2", "fires"):
         assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-9), name
-    assert select(a).indices == select(b).indices
+    assert select_latents(a).indices == select_latents(b).indices
 
 
 def test_target_domain_scoring(sae, data):
@@ -145,7 +145,7 @@ def test_all_safe_data_is_refused(sae):
 
 
 def test_scores_round_trip_through_the_dictionary(sae, stats, tmp_path):
-    res = select(stats)
+    res = select_latents(stats)
     p = parse("double.0.img")
     entry = DictionaryEntry(p, sae, res.indices, res.scores, res.safe_values, {"fvu": 0.1, **res.metadata()})
     save(SafetyDictionary("flux", {p: entry}), str(tmp_path / "d.safetensors"))

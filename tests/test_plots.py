@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_dictionary
 from PIL import Image
 
-from conftest import make_dictionary
 from safedig_core import cli
 from safedig_core.evaluation import plots
 from safedig_core.formats.dictionary import save

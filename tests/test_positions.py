@@ -5,8 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safedig_core.positions import (FAMILIES, GROUPS, ModelLayout, Position, PositionError, depth, group, parse,
-                                    parse_list)
+from safedig_core.positions import (
+    FAMILIES,
+    GROUPS,
+    ModelLayout,
+    Position,
+    PositionError,
+    depth,
+    group,
+    parse,
+    parse_list,
+)
 
 FLUX = ModelLayout("flux", {"double": 19, "single": 38}, 3072)
 SD3 = ModelLayout("sd3", {"joint": 38}, 2432, last_txt_absent=True)

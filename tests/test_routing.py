@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safedig_core import cli
-from safedig_core.positions import ModelLayout, parse
 from safedig_core.pipeline.routing import (
     PositionScore,
     RoutingConfig,
@@ -22,9 +21,10 @@ from safedig_core.pipeline.routing import (
     RoutingReport,
     auroc,
     route,
-    select,
+    select_positions,
     stratified_auroc,
 )
+from safedig_core.positions import ModelLayout, parse
 
 Pooled = namedtuple("Pooled", "x prompt step")
 
@@ -238,9 +238,9 @@ def test_ridge_probe_and_min_statistic():
 # ------------------------------------------------------------------------------------- diversity rule
 
 def ps(name, R, useful=True, group=None, layout=LAYOUT):
+    from safedig_core.positions import block_number as _block
     from safedig_core.positions import depth
     from safedig_core.positions import group as grp
-    from safedig_core.pipeline.routing import _block
 
     p = parse(name)
     return PositionScore(name, p.stream, group or grp(p, layout), depth(p, layout), _block(p, layout), R, R, R,
@@ -251,7 +251,7 @@ def test_group_cap():
     cands = [ps(f"double.{i}.img", 0.99 - 0.01 * i) for i in (0, 3, 5)] + [ps(f"single.{i}.img", 0.9 - 0.01 * i)
                                                                           for i in (1, 4)]
     cands += [ps("double.0.txt", 0.7)]
-    names, _, notes = select(cands, k=4, min_gap=2)
+    names, _, notes = select_positions(cands, k=4, min_gap=2)
     groups = [c.group for c in cands if c.name in names]
     assert max(groups.count(g) for g in set(groups)) <= 2
     assert names == ["double.0.img", "double.3.img", "single.1.img", "single.4.img"]
@@ -260,7 +260,7 @@ def test_group_cap():
 
 def test_cap_lifted_only_when_other_groups_have_nothing_useful():
     cands = [ps(f"double.{i}.img", 0.99 - 0.01 * i) for i in (0, 3, 5)] + [ps("double.0.txt", 0.95, useful=False)]
-    names, picks, notes = select(cands, k=3, min_gap=1)
+    names, picks, notes = select_positions(cands, k=3, min_gap=1)
     assert names == ["double.0.img", "double.3.img", "double.5.img"]
     assert [p["pass"] for p in picks] == [1, 1, 2]
     assert any("cap lifted" in n for n in notes)
@@ -268,7 +268,7 @@ def test_cap_lifted_only_when_other_groups_have_nothing_useful():
 
 def test_gap_is_per_stream_and_spans_double_single():
     cands = [ps("double.5.img", 0.99), ps("single.0.img", 0.98), ps("double.5.txt", 0.97), ps("single.3.img", 0.5)]
-    names, picks, _ = select(cands, k=3, min_gap=2)
+    names, picks, _ = select_positions(cands, k=3, min_gap=2)
     # double.5 and single.0 are consecutive blocks (6 double blocks); txt is another stream
     assert names == ["double.5.img", "double.5.txt", "single.3.img"]
     assert picks[-1]["pass"] == 1
@@ -276,7 +276,7 @@ def test_gap_is_per_stream_and_spans_double_single():
 
 def test_relaxations_when_too_few_positions():
     cands = [ps("double.0.img", 0.9), ps("double.1.img", 0.8, useful=False)]
-    names, picks, notes = select(cands, k=2, min_gap=2)
+    names, picks, notes = select_positions(cands, k=2, min_gap=2)
     assert names == ["double.0.img", "double.1.img"] and picks[1]["pass"] == 4 and notes
 
 
@@ -285,7 +285,7 @@ def test_relaxations_when_too_few_positions():
                 min_size=1, max_size=24, unique_by=lambda t: (t[0], t[1])), st.integers(1, 6), st.integers(0, 3))
 def test_selection_properties(rows, k, gap):
     cands = [ps(f"{'double' if b < 6 else 'single'}.{b % 6}.{s}", r, u) for b, s, r, u in rows]
-    names, picks, _ = select(cands, k=k, min_gap=gap)
+    names, picks, _ = select_positions(cands, k=k, min_gap=gap)
     assert len(names) == len(set(names)) == min(k, len(cands))
     by = {c.name: c for c in cands}
     strict = [by[p["name"]] for p in picks if p["pass"] < 4]

@@ -10,8 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 pytest.register_assert_rewrite("server_fixture")
-from server_fixture import (DICTIONARIES, FLUX_GOOD, FLUX_WIDTH32, SD3_GOOD, ComfyServer, combo_options,
-                            input_specs, input_type)  # noqa: E402
+from server_fixture import (  # noqa: E402 - after the assert-rewrite registration
+    DICTIONARIES,
+    FLUX_GOOD,
+    FLUX_WIDTH32,
+    SD3_GOOD,
+    ComfyServer,
+    combo_options,
+    input_specs,
+    input_type,
+)
 
 pytest_plugins = ("server_fixture",)
 pytestmark = [pytest.mark.comfy, pytest.mark.server]

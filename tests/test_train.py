@@ -14,18 +14,12 @@ import time
 import pytest
 import torch
 
+from safedig_core.pipeline.checkpoint import load_checkpoint_sae, read_checkpoint
+from safedig_core.pipeline.data import MemorySource, TrainError
+from safedig_core.pipeline.metrics import sae_quality as evaluate
+from safedig_core.pipeline.metrics import splice, spliced_error
+from safedig_core.pipeline.train import TrainConfig, train_sae
 from safedig_core.sae import SparseAutoencoder
-from safedig_core.pipeline.train import (
-    MemorySource,
-    TrainConfig,
-    TrainError,
-    evaluate,
-    load_checkpoint_sae,
-    read_checkpoint,
-    splice,
-    spliced_error,
-    train_sae,
-)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

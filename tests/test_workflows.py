@@ -111,14 +111,14 @@ def object_info(comfy_server) -> dict:
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_workflow_file_is_a_litegraph_workflow(name):
     wf = load(name)
-    assert TOP_LEVEL <= set(wf) and wf["version"] == 0.4
+    assert set(wf) >= TOP_LEVEL and wf["version"] == 0.4
     ids = [n["id"] for n in wf["nodes"]]
     link_ids = [link[0] for link in wf["links"]]
     assert len(set(ids)) == len(ids) and len(set(link_ids)) == len(link_ids)
     assert wf["last_node_id"] >= max(ids) and wf["last_link_id"] >= max(link_ids)
     nodes = {n["id"]: n for n in wf["nodes"]}
     for n in wf["nodes"]:
-        assert NODE_KEYS <= set(n), f"node {n['id']} lacks {NODE_KEYS - set(n)}"
+        assert set(n) >= NODE_KEYS, f"node {n['id']} lacks {NODE_KEYS - set(n)}"
         if n["type"] not in FRONTEND_ONLY:
             assert n["properties"].get("Node name for S&R") == n["type"], n["id"]
     for lid, origin, oslot, target, tslot, ltype in wf["links"]:

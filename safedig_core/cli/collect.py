@@ -1,13 +1,12 @@
 """`safedig collect`: run a model over prompt files and record its activations into a store."""
 from __future__ import annotations
 
-import os
 import sys
 
+from ..adapters.comfy.runner import runner_from_files
 from ..formats.prompts import load_many
 from ..formats.prompts import summary as prompt_summary
 from ..formats.store import ActivationStore, summary
-from ..adapters.comfy.runner import runner_from_files
 from ..pipeline.collect import collect
 from .common import StopFlag
 

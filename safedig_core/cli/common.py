@@ -5,7 +5,7 @@ import os
 import signal
 import threading
 
-from ..formats.store import ActivationStore
+from ..formats import store
 
 
 class UserError(Exception):
@@ -46,4 +46,4 @@ def open_store(path: str):
     """The activation store at `path`; a missing folder is one line, not a traceback."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such activation store folder")
-    return ActivationStore(path)
+    return store.ActivationStore(path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from ..formats.store import ActivationStore
+from ..formats import store
 from ..pipeline import routing
 from .common import UserError
 
@@ -17,7 +17,7 @@ def run(args) -> None:
     if weights is not None:
         cfg.w_transfer, cfg.w_stability, cfg.w_separability = weights
     positions = [n for n in args.positions.split(",") if n.strip()] if args.positions else None
-    report = routing.route(ActivationStore(args.store), args.top, cfg, positions=positions,
+    report = routing.route(store.ActivationStore(args.store), args.top, cfg, positions=positions,
                            progress=lambda i, n, p: print(f"[{i + 1}/{n}] scoring {p}", file=sys.stderr))
     js, png = report.save(args.out)
     print(report.summary())

@@ -77,9 +77,9 @@ def read_safetensors(path: str) -> dict[str, Tensor]:
         raise ConvertError(f"{path}: no such file")
     try:
         with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for any malformed file
-        raise ConvertError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for any malformed file
+        raise ConvertError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def read_pt(path: str) -> dict:
@@ -95,7 +95,7 @@ def read_pt(path: str) -> dict:
             raise ConvertError(f"{path}: refused: loading it would run code from the file, and SafeDIG loads only "
                                f"plain tensors ({why})") from None
         raise ConvertError(f"{path}: not a PyTorch state dict file ({why})") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a malformed file
         raise ConvertError(f"{path}: not a PyTorch state dict file ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(obj, dict):

@@ -11,13 +11,10 @@ import os
 import torch
 
 from ..formats import dictionary
-from ..formats.dictionary import DictionaryEntry, SafetyDictionary
-from . import dictionary_learning
-from . import openai
-from . import saelens
-from . import sparsify
-from .common import ConvertError, Imported
+from ..formats.dictionary import DictionaryEntry, SafetyDictionary, parse_latents
 from ..positions import Position, PositionError, parse
+from . import dictionary_learning, openai, saelens, sparsify
+from .common import ConvertError, Imported
 
 READERS = {"saelens": saelens.read, "sparsify": sparsify.read, "dictionary_learning": dictionary_learning.read,
            "openai": openai.read}
@@ -75,18 +72,11 @@ def parse_harmful(specs: list[str], chosen: list[tuple[Position, Imported]]) -> 
             (p,), spec_ids = latents, spec
         else:
             raise ConvertError(f"--harmful {spec!r}: with several positions say which, e.g. --harmful {chosen[0][0]}:{spec}")
-        for part in spec_ids.split(","):
-            if not part.strip():
-                continue
-            try:
-                j = int(part)
-            except ValueError:
-                raise ConvertError(f"--harmful: {part.strip()!r} is not a latent index (expected e.g. 12,873,4051)") from None
-            if not 0 <= j < latents[p]:
-                raise ConvertError(f"--harmful: latent {j} is out of range for position {p}, whose SAE has "
-                                   f"{latents[p]} latents (0..{latents[p] - 1})")
-            if j not in out[p]:
-                out[p].append(j)
+        try:
+            picked = parse_latents(spec_ids, latents[p], p, "--harmful")
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        out[p] += [j for j in picked if j not in out[p]]
     return out
 
 

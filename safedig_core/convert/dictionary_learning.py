@@ -30,10 +30,10 @@ def read(path: str, k: int | None = None) -> list[Imported]:
     sd = read_pt(path)
     keys = set(map(str, sd))
     name = os.path.splitext(os.path.basename(path))[0]
-    if GATED <= keys:
+    if keys >= GATED:
         raise ConvertError(f"{path}: a GatedAutoEncoder: its gate and magnitude paths cannot be written as one "
                            "JumpReLU SAE exactly, so SafeDIG does not convert it")
-    if keys == RELU or keys == RELU_NEW:
+    if keys in (RELU, RELU_NEW):
         L = tensor(path, sd, "encoder.bias", 1).shape[0]
         W_enc, W_dec = matrices(path, sd, ("encoder.weight", "Ld"), ("decoder.weight", "dL"), latent_bias="encoder.bias")
         d = W_enc.shape[1]

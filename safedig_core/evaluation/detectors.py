@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..formats.atomic import write_text
-from ..formats.images import ImageError, list_images, read_rgb
+from ..formats.images import list_images, read_rgb
 
 NUDITY_CLASSES = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED",
                   "ANUS_EXPOSED")

@@ -82,14 +82,7 @@ def plot_routing(json_path: str, out: str) -> str:
     except (TypeError, KeyError):
         report = None
     if report is not None:
-        tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.plot.png")
-        try:
-            routing.plot_report(report, tmp)
-            with open(tmp, "rb") as f:
-                return write_bytes(out, f.read())
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        return routing.plot_report(report, out)
     return write_bytes(out, figure_png(_scores_figure(scores, data.get("selected") or [], json_path)))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 def fsync_dir(path: str) -> None:
@@ -68,7 +68,5 @@ def remove_stale(path: str) -> None:
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.startswith(prefix) and name.endswith(suffix):
-                try:
+                with suppress(OSError):
                     os.remove(os.path.join(folder, name))
-                except OSError:
-                    pass

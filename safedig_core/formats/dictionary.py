@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import replacing
 from ..positions import FAMILIES, ModelLayout, Position, PositionError, parse
 from ..sae import ACTIVATIONS, NORMALIZATIONS, SparseAutoencoder
 from ..steering import PositionSteerer, SteeringConfig
+from .atomic import replacing
 
 FORMAT_VERSION = 1
 META_KEY = "safedig"
@@ -121,7 +121,7 @@ def read_metadata(path: str) -> dict:
         with safe_open(path, "pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
             keys = set(f.keys())
-    except Exception as e:  # safetensors raises its own error types for any malformed header
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for any malformed header
         _fail(path, f"not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     if raw is None:
         _fail(path, f"a safetensors file, but not a SafeDIG dictionary (no '{META_KEY}' metadata)")
@@ -144,7 +144,7 @@ def read_metadata(path: str) -> dict:
 
 
 def _tensor(f, path, key, shape):
-    if key not in f.keys():
+    if key not in f.keys():  # noqa: SIM118 - safe_open is not a dict
         _fail(path, f"missing tensor '{key}'")
     t = f.get_tensor(key)
     if t.dtype not in FLOAT_DTYPES:
@@ -272,3 +272,22 @@ def summary(d: SafetyDictionary, path: str = "") -> str:
             lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in scalars.items()))
     return "\n".join(lines)
+
+
+def parse_latents(text: str, latents: int, position, label: str = "latents") -> list[int]:
+    """A comma (or space) separated list of latent indices of an SAE with `latents` latents, in order, without
+    repeats; `label` (the widget or flag the text came from) starts every error."""
+    out: list[int] = []
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        try:
+            j = int(part)
+        except ValueError:
+            raise ValueError(f"{label}: {part!r} is not a latent index (expected a comma list like 12,873,4051)") from None
+        if not 0 <= j < latents:
+            raise ValueError(f"{label}: latent {j} is out of range for position {position}, whose SAE has {latents} "
+                             f"latents (0..{latents - 1})")
+        if j not in out:
+            out.append(j)
+    return out

@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import torch
 
-from .atomic import replacing, write_bytes
 from ..positions import Position, parse
+from .atomic import replacing, write_bytes
 from .prompts import PromptRecord
 
 FORMAT = 1

@@ -1,4 +1,4 @@
-"""Encoder-frozen decoder adaptation (METHOD §5): refit an SAE's decoder on target-domain activations.
+"""Encoder-frozen decoder adaptation (docs/METHOD_NOTES.md §5): refit an SAE's decoder on target-domain activations.
 
 The encoder (`W_enc`, `b_enc`) is the reusable safety dictionary and is never touched (bit for bit),
 so the harmful latents keep their meaning. Only `W_dec` and `b_dec` are trained, on
@@ -33,15 +33,12 @@ from typing import Any
 
 import torch
 
-from . import harmful as harmful_mod
 from ..sae import SparseAutoencoder
+from . import harmful as harmful_mod
 from .data import Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
-from .train import (
-    decode_scaled,
-    evaluate,
-    normalize_decoder,
-    remove_parallel_grad,
-)
+from .decoder import decode_scaled, normalize_decoder, remove_parallel_grad
+from .metrics import sae_quality
+from .progress import tqdm_progress
 
 
 class AdaptError(TrainError):
@@ -160,8 +157,8 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
     var_t = _variance(t_stream, d, cfg.var_batches, scale, "target")
     var_s = _variance(s_stream, d, cfg.var_batches, scale, "source") if s_stream else None
     ev = {"position": position, "batch_size": cfg.batch_size, "max_batches": cfg.eval_batches}
-    before_t = evaluate(sae, target, prompts=target_prompts, **ev)
-    before_s = evaluate(sae, source, prompts=source_prompts, **ev) if source is not None else None
+    before_t = sae_quality(sae, target, prompts=target_prompts, **ev)
+    before_s = sae_quality(sae, source, prompts=source_prompts, **ev) if source is not None else None
 
     for p in (sae.W_enc, sae.b_enc):
         p.requires_grad_(False)
@@ -226,8 +223,8 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
 
     for name, p in sae.named_parameters():  # the copy's grad flags as the input's
         p.requires_grad_(getattr(src_sae, name).requires_grad)
-    after_t = evaluate(sae, target, prompts=target_prompts, **ev)
-    after_s = evaluate(sae, source, prompts=source_prompts, **ev) if source is not None else None
+    after_t = sae_quality(sae, target, prompts=target_prompts, **ev)
+    after_s = sae_quality(sae, source, prompts=source_prompts, **ev) if source is not None else None
     drift = _drift(sae.W_dec.detach(), w_src)
     m = {"adapt_steps": step, "target_fvu_before": before_t["fvu"], "target_fvu_after": after_t["fvu"],
          "decoder_drift_mean": float(drift.mean()), "b_dec_shift": float((sae.b_dec.detach() - b_src).norm())}
@@ -278,7 +275,7 @@ def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, har
     kw.setdefault("domain", "target")
     kw.setdefault("fire_min", (cfg or harmful_mod.HarmfulConfig()).fire_min)
     stats = harmful_mod.collect_stats(sae, data, prompts, **kw)
-    res = harmful_mod.select(stats, cfg)
+    res = harmful_mod.select_latents(stats, cfg)
     if mode == "reselect":
         return res
     keep = list(harmful)
@@ -304,7 +301,6 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
     source-domain rows; write the dictionary to `out_path` after each position (unadapted positions are
     copied as they were; provenance lists the adapted ones). Returns {position name: metrics}."""
     from ..formats.dictionary import DictionaryError, load, save
-    from .train import tqdm_progress
 
     cfg = cfg or AdaptConfig()
     d = load(dictionary_path)

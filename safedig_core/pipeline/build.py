@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import adapt as adapt_mod
-from . import routing
-from . import train
+from ..formats.atomic import write_text
 from ..formats.dictionary import load, save
 from ..positions import parse
+from . import adapt as adapt_mod
+from . import routing, train
 
 SOURCE_DICTIONARY = "source_dictionary.safetensors"  # in the work folder: the dictionary before adaptation
 
@@ -77,8 +77,7 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
     save(d, out_path)
     summary = {"dictionary": out_path, "positions": selected, "trained": trained, "adapted": adapted,
                "routing": json.loads(report.to_json()) if report else None}
-    with open(os.path.join(work_dir, "build.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=float)
+    write_text(os.path.join(work_dir, "build.json"), json.dumps(summary, indent=1, default=float))
     return summary
 
 

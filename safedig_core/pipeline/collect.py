@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from ..positions import ModelLayout, Position, PositionError, parse
 from ..formats.prompts import PromptRecord
 from ..formats.store import StoreWriter
+from ..positions import ModelLayout, Position, PositionError, for_layout
 
 SHARD_TARGET_BYTES = 256 << 20  # default shard size: one position of one shard is what a reader holds
 MAX_PROMPTS_PER_SHARD = 32  # an interruption loses at most the prompts of one unfinished shard
@@ -60,17 +59,8 @@ class Runner(Protocol):
 # --- settings ------------------------------------------------------------------------------------------
 
 def parse_positions(spec, layout: ModelLayout) -> list[Position]:
-    """`all`, a comma list of names, or a list of names/Positions; each checked against the model layout."""
-    if isinstance(spec, str):
-        if spec.strip().lower() in ("", "all"):
-            return layout.positions()
-        spec = [s for s in spec.split(",") if s.strip()]
-    out = []
-    for item in spec:
-        p = item if isinstance(item, Position) else parse(str(item))
-        layout.check(p)
-        if p not in out:
-            out.append(p)
+    """The positions to record (`positions.for_layout`); at least one."""
+    out = for_layout(spec, layout)
     if not out:
         raise PositionError("no positions to record")
     return out

@@ -1,4 +1,4 @@
-"""Harmful latents (METHOD §4): which SAE latents fire more on unsafe than on safe source tokens.
+"""Harmful latents (docs/METHOD_NOTES.md §4): which SAE latents fire more on unsafe than on safe source tokens.
 
 One streamed pass over the labelled rows of a domain accumulates, per latent and per group of rows
 (safe, unsafe, and each unsafe category), the row count, Σz, Σz² and the firing count (float64 sums;
@@ -206,7 +206,7 @@ def collect_stats(sae: SparseAutoencoder, data: Any, prompts: list | None = None
     return stats
 
 
-def select(stats: LatentStats, cfg: HarmfulConfig | None = None) -> HarmfulScores:
+def select_latents(stats: LatentStats, cfg: HarmfulConfig | None = None) -> HarmfulScores:
     """Scores and selection from accumulated statistics (see the module docstring)."""
     cfg = cfg or HarmfulConfig()
     cfg.check()
@@ -236,4 +236,4 @@ def find_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None = None,
     cfg = cfg or HarmfulConfig()
     cfg.check()
     kw.setdefault("fire_min", cfg.fire_min)
-    return select(collect_stats(sae, data, prompts, **kw), cfg)
+    return select_latents(collect_stats(sae, data, prompts, **kw), cfg)

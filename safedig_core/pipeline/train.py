@@ -1,4 +1,4 @@
-"""TopK SAE training for one position (METHOD §4), resumable bit for bit, plus quality metrics.
+"""TopK SAE training for one position (docs/METHOD_NOTES.md §4), resumable bit for bit, plus quality metrics.
 
 Reference design followed (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
 - activations are multiplied by one scalar per position, `s = sqrt(d / E‖x‖²)` estimated on the first
@@ -35,30 +35,21 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor
-from torch.nn import functional as F
 
-from ..formats.atomic import remove_stale, replacing, write_text
+from ..formats.atomic import remove_stale, write_text
 from ..sae import SparseAutoencoder
 from . import harmful as harmful_mod
-from .data import MemorySource, Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
+from .checkpoint import load_optimizer, read_checkpoint, write_checkpoint
+from .data import Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
+from .decoder import decode_scaled, normalize_decoder, remove_parallel_grad
+from .metrics import sae_quality
+from .progress import tqdm_progress
 
-CKPT_FORMAT = 1
-CKPT_KEY = "safedig_train"
-
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# Config, result
-# ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
@@ -123,88 +114,6 @@ class TrainResult:
     stopped: bool = False  # True when should_stop ended the run early (a checkpoint was written)
     resumed_from: int | None = None  # the step of the checkpoint the run resumed from
 
-
-# ---------------------------------------------------------------------------------------------------
-# Decoder-norm helpers (shared with adapt.py)
-# ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def normalize_decoder(sae: SparseAutoencoder) -> None:
-    n = sae.W_dec.norm(dim=1, keepdim=True)
-    sae.W_dec.div_(n + torch.finfo(sae.W_dec.dtype).eps)
-
-
-@torch.no_grad()
-def remove_parallel_grad(sae: SparseAutoencoder) -> None:
-    """Drop the part of each decoder row's gradient along the row (it would only change the norm)."""
-    g, w = sae.W_dec.grad, sae.W_dec
-    if g is not None:
-        g.sub_((g * w).sum(1, keepdim=True) * w)
-
-
-def decode_scaled(sae: SparseAutoencoder, vals: Tensor, idx: Tensor, bias: bool = True) -> Tensor:
-    """Scaled reconstruction Σ vals·W_dec[idx] (+ b_dec), touching only the active rows."""
-    out = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
-    return out + sae.b_dec if bias else out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------
-
-
-def atomic_save(tensors: dict[str, Tensor], meta: dict, path: str, key: str = CKPT_KEY) -> None:
-    """safetensors file with JSON metadata under `key`, written to a temporary name, fsynced, renamed."""
-    with replacing(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={key: json.dumps(meta)})
-
-
-def _write_checkpoint(path, sae, opt, params, state: dict, meta: dict) -> None:
-    tensors = {f"model.{k}": v for k, v in sae.state_dict().items()}
-    sd = opt.state_dict()
-    for pid, st in sd["state"].items():
-        for name, v in st.items():
-            tensors[f"opt.{pid}.{name}"] = v if isinstance(v, Tensor) else torch.tensor(v)
-    groups = []
-    for g in sd["param_groups"]:
-        g = dict(g)
-        g["betas"] = list(g["betas"])
-        groups.append(g)
-    tensors.update({f"state.{k}": v for k, v in state.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and any(p.is_cuda for p in params):
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    atomic_save(tensors, {**meta, "format": CKPT_FORMAT, "param_groups": groups}, path)
-
-
-def read_checkpoint(path: str) -> tuple[dict, dict[str, Tensor]]:
-    """(metadata, tensors) of a training checkpoint; TrainError if it is not one."""
-    try:
-        with safe_open(path, "pt") as f:
-            raw = (f.metadata() or {}).get(CKPT_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a dict
-    except Exception as e:  # noqa: BLE001 -- safetensors raises its own types for a malformed file
-        raise TrainError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if raw is None:
-        raise TrainError(f"{path}: a safetensors file, but not a SafeDIG training checkpoint")
-    meta = json.loads(raw)
-    if meta.get("format") != CKPT_FORMAT:
-        raise TrainError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    return meta, tensors
-
-
-def load_checkpoint_sae(path: str) -> SparseAutoencoder:
-    """The SAE stored in a training checkpoint (e.g. to score or bundle a finished run)."""
-    meta, t = read_checkpoint(path)
-    sae = SparseAutoencoder(meta["d"], meta["config"]["latents"], meta["config"]["k"])
-    sae.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
-    return sae
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
 
 def _estimate(stream: Stream, n_batches: int, d: int | None):
     """Scale s, scaled mean and scaled per-token variance from the first batches of epoch 0 (float64)."""
@@ -280,7 +189,7 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     if meta is not None:
-        _load_optimizer(opt, meta, tensors)
+        load_optimizer(opt, meta, tensors)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and dev.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -290,7 +199,7 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
     def save_ckpt():
         if checkpoint:
             state = {"since_fired": since_fired, "window": window, "var_tok": var_tok}
-            _write_checkpoint(checkpoint, sae, opt, params, state,
+            write_checkpoint(checkpoint, sae, opt, params, state,
                               {"d": d, "position": str(position) if position is not None else None,
                                "config": cfg.to_json(), "step": step, "epoch": epoch, "index": index,
                                "tokens": tokens, "done": step >= cfg.steps})
@@ -422,141 +331,6 @@ def _resume_config(cfg: TrainConfig, meta: dict, path: str) -> TrainConfig:
     return dataclasses.replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in TrainConfig.RESUMABLE_CHANGES})
 
 
-def _load_optimizer(opt, meta, tensors) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(sae: SparseAutoencoder, data: Any, *, position: Any = None, prompts: Any = None,
-             batch_size: int = 4096, max_batches: int | None = None) -> dict:
-    """FVU (against the data's own mean), mean L0 and the fraction of latents that never fired, in one
-    streamed pass (float64 sums). TopK SAEs only."""
-    stream = Stream(data, position, batch_size, prompts, shuffle=False)
-    dev = sae.W_dec.device
-    n, err, s1, s2 = 0, 0.0, torch.zeros(sae.d, dtype=torch.float64, device=dev), 0.0
-    l0 = 0.0
-    fired = torch.zeros(sae.latents, dtype=torch.bool, device=dev)
-    for i, b in enumerate(stream.epoch(0)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = checked(batch_x(b), sae.d, f"batch {i}").to(dev, sae.W_dec.dtype)
-        if not len(x):
-            continue
-        xs = sae.prepare(x)
-        vals, idx = sae.encode_sparse(xs)
-        e = xs - decode_scaled(sae, vals, idx)
-        n += x.shape[0]
-        err += float(e.double().pow(2).sum())
-        s1 += xs.double().sum(0)
-        s2 += float(xs.double().pow(2).sum())
-        active = vals > 0
-        l0 += float(active.sum())
-        fired[idx[active]] = True
-    if n == 0:
-        raise TrainError("no activations to evaluate on")
-    total = s2 - float(s1.pow(2).sum()) / n
-    return {"fvu": err / max(total, 1e-30), "l0": l0 / n, "dead_frac": 1.0 - float(fired.double().mean()),
-            "tokens": n}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Spliced error
-# ---------------------------------------------------------------------------------------------------
-
-def splice(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
-    """The replacement to put at the position when measuring the spliced error: x [..., d] → x̂ in x's
-    dtype and device (the SAE must already be on that device)."""
-
-    @torch.no_grad()
-    def replace(x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(sae.W_dec.dtype)
-        return sae(flat).to(x.dtype).reshape(x.shape)
-
-    return replace
-
-
-@torch.no_grad()
-def spliced_error(run: Callable[[Any], tuple], inputs: Iterable[Any]) -> dict:
-    """The model-level reconstruction error (METHOD §4): how much the model's prediction changes when
-    the SAE's reconstruction replaces the activation at the position.
-
-    `run(item)` runs the model twice on one input — once untouched and once with the activation at the
-    position replaced (typically by `splice(sae)`) — and returns `(clean, spliced)` predictions, or
-    `(clean, spliced, target)` when the training target of the prediction is known (for a diffusion
-    model, e.g. the noise or velocity the prediction should match). Sums are over all items:
-    - `rel_change` = Σ‖spliced − clean‖² / Σ‖clean‖²: how much splicing moves the prediction;
-    - with targets, `loss_clean` and `loss_spliced` (MSE to the target) and `loss_increase`
-      = (loss_spliced − loss_clean) / loss_clean, the relative extra prediction error.
-    """
-    n_items, n_el, change, norm, lc, ls = 0, 0, 0.0, 0.0, 0.0, 0.0
-    with_target = None
-    for item in inputs:
-        out = run(item)
-        if len(out) not in (2, 3):
-            raise ValueError("spliced_error: run(item) must return (clean, spliced) or (clean, spliced, target)")
-        has_t = len(out) == 3
-        if with_target is None:
-            with_target = has_t
-        elif with_target != has_t:
-            raise ValueError("spliced_error: run(item) returned a target for some items and not others")
-        clean, spl = out[0].double(), out[1].double()
-        if clean.shape != spl.shape:
-            raise ValueError(f"spliced_error: clean {list(clean.shape)} and spliced {list(spl.shape)} predictions differ in shape")
-        change += float((spl - clean).pow(2).sum())
-        norm += float(clean.pow(2).sum())
-        if has_t:
-            t = out[2].double()
-            lc += float((clean - t).pow(2).sum())
-            ls += float((spl - t).pow(2).sum())
-        n_items += 1
-        n_el += clean.numel()
-    if n_items == 0:
-        raise ValueError("spliced_error: no inputs")
-    res = {"items": n_items, "rel_change": change / max(norm, 1e-30)}
-    if with_target:
-        res.update(loss_clean=lc / n_el, loss_spliced=ls / n_el, loss_increase=(ls - lc) / max(lc, 1e-30))
-    return res
-
-
-# ---------------------------------------------------------------------------------------------------
-# Store level: `safedig train`
-# ---------------------------------------------------------------------------------------------------
-
-
-def tqdm_progress(desc: str, total: int):
-    """A progress callback drawing a tqdm bar; call `.close()` on the returned callback when done."""
-    import sys
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
-    shown = [None]
-
-    def cb(step, total_, last):
-        bar.update(step - bar.n)
-        if last is not None and last is not shown[0]:
-            shown[0] = last
-            post = {k: last[k] for k in ("fvu", "l0", "dead_frac", "fvu_target", "fvu_source") if k in last}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
-
-    cb.close = bar.close
-    return cb
-
-
 def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: TrainConfig | None = None,
                 harmful_cfg: Any = None, *, dictionary_path: str | None = None, resume: bool = True,
                 device: Any = None, eval_batches: int | None = 32, progress: bool = True,
@@ -598,7 +372,7 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
                 save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=True)), dictionary_path)
             raise KeyboardInterrupt
         sae = res.sae
-        ev = evaluate(sae, store, position=p, prompts=src, batch_size=cfg.batch_size, max_batches=eval_batches)
+        ev = sae_quality(sae, store, position=p, prompts=src, batch_size=cfg.batch_size, max_batches=eval_batches)
         hs = harmful_mod.find_harmful(sae, store, store.prompts, harmful_cfg, position=p, domain="source",
                                       batch_size=cfg.batch_size)
         metrics = {"fvu": ev["fvu"], "l0": ev["l0"], "dead_frac": res.metrics.get("dead_frac", ev["dead_frac"]),

@@ -19,23 +19,24 @@ import time
 import numpy as np
 import torch
 
-from ..adapters.comfy import runtime as comfyui
 from ..adapters.comfy import feature_map
-from ..evaluation import plots
-from ..pipeline.adapt import AdaptConfig
-from ..formats.atomic import write_text
-from ..evaluation.baselines import DiffMeansSteerer, WordFilter
-from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
+from ..adapters.comfy import runtime as comfyui
+from ..adapters.comfy.patches import SharedSteerers
 from ..adapters.comfy.runner import ComfyRunner
-from ..pipeline.collect import collect
-from ..adapters.comfy.patches import SteeringStore
+from ..evaluation import plots
+from ..evaluation.baselines import DiffMeansSteerer, WordFilter
+from ..formats.atomic import write_text
 from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
-from ..pipeline.harmful import find_harmful
-from ..positions import parse
 from ..formats.prompts import PromptRecord
-from ..steering import SteeringConfig
 from ..formats.store import ActivationStore
-from ..pipeline.train import TrainConfig, splice, spliced_error, train_sae
+from ..pipeline.adapt import AdaptConfig
+from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
+from ..pipeline.collect import collect
+from ..pipeline.harmful import find_harmful
+from ..pipeline.metrics import splice, spliced_error
+from ..pipeline.train import TrainConfig, train_sae
+from ..positions import parse
+from ..steering import SteeringConfig
 from . import world
 from .classifier import predict
 from .model import generate, load_testbed
@@ -59,10 +60,10 @@ def _records(rows: list[dict]) -> list[PromptRecord]:
                          {"concept": r["concept"]}) for i, r in enumerate(rows)]
 
 
-def _dictionary_store(path: str, positions=None) -> tuple[SteeringStore, list]:
+def _dictionary_store(path: str, positions=None) -> tuple[SharedSteerers, list]:
     d = load(path)
     chosen = [p for p in d.positions if positions is None or p.name in positions]
-    return SteeringStore({p: d.entries[p].steerer() for p in chosen}), chosen
+    return SharedSteerers({p: d.entries[p].steerer() for p in chosen}), chosen
 
 
 def _full_retrain(store: ActivationStore, positions: list[str], work: str, tcfg: TrainConfig) -> str:
@@ -95,12 +96,12 @@ class _Splice:
 
 def _spliced(model, encode_fn, dict_path, rows, gen) -> dict:
     """Per position, how much the generated images move when the reconstruction replaces the activation
-    (METHOD §4's spliced error, measured on building prompts)."""
+    (docs/METHOD_NOTES.md §4's spliced error, measured on building prompts)."""
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
     clean = generate(model, encode_fn, prompts, seeds, **gen)
     out = {}
     for p, e in load(dict_path).entries.items():
-        m = comfyui.steer_model(model, SteeringStore({p: _Splice(e.sae)}), [p], SteeringConfig(repel=1.0))
+        m = comfyui.steer_model(model, SharedSteerers({p: _Splice(e.sae)}), [p], SteeringConfig(repel=1.0))
         spliced = generate(m, encode_fn, prompts, seeds, **gen)
         # images centred on mid-grey, so the norm measures content, not brightness
         out[p.name] = round(spliced_error(lambda pair: pair, zip(clean - 0.5, spliced - 0.5))["rel_change"], 5)
@@ -282,7 +283,7 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
         "full_retrain": (_dictionary_store(retrain_path), STEER),
         "blend_only": (_dictionary_store(dict_path), STEER.with_(repel=0.0)),
         "repel_only": (_dictionary_store(dict_path), STEER.with_(blend=0.0)),
-        "dense_diff_means": ((SteeringStore(dense), list(dense)), SteeringConfig(repel=1.0)),
+        "dense_diff_means": ((SharedSteerers(dense), list(dense)), SteeringConfig(repel=1.0)),
     }
 
     # 4. the threshold τ, chosen on the building prompts (never on the evaluation ones)

@@ -1,7 +1,7 @@
 """`safedig tiny-demo`: the steering path end to end on a tiny random-weight FLUX in the real ComfyUI.
 
-Until the testbed demo exists this is the project's main job: it records block outputs for an
-"unsafe" and a "safe" prompt, marks as harmful the SAE latents that fire more on the unsafe one, writes
+The smallest look at the mechanics, with nothing trained (the testbed demo, `safedig demo`, is the real
+measurement): it records block outputs for an "unsafe" and a "safe" prompt, marks as harmful the SAE latents that fire more on the unsafe one, writes
 a dictionary file, loads it through the Apply Steering node's code path and samples with KSampler,
 printing what changed. The weights are random, so this shows the mechanics, not safety.
 """
@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..adapters.comfy import runtime as comfyui
-from ..adapters.comfy.patches import SteeringStore
+from ..adapters.comfy.patches import SharedSteerers
 from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save, summary
 from ..positions import parse
 from ..sae import SparseAutoencoder
@@ -65,7 +65,7 @@ def run(out_dir: str = "out/tiny-demo", seed: int = 0) -> dict:
     d = load(path)
     print(summary(d, path))
 
-    store = SteeringStore({p: e.steerer() for p, e in d.entries.items()})
+    store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
     rows = []
     for label, cfg in (("blend+repel", SteeringConfig(blend=1.0, repel=1.0)), ("identity a=b=0", SteeringConfig())):
         steered = comfyui.steer_model(model, store, d.positions, cfg)

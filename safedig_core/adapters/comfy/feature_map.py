@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .patches import progress_of, step_of
 from ...positions import Position
 from ...schedule import half_rows, in_window
 from ...steering import SteeringConfig
+from .patches import progress_of, step_of
 
 
 class FeatureMapError(ValueError):

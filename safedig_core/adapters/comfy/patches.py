@@ -25,7 +25,7 @@ SCHEDULE = "safedig_schedule"  # transformer_options key: (sigmas, step, progres
 WRAPPER_KEY = "safedig"
 
 
-class SteeringStore:
+class SharedSteerers:
     """The loaded SAEs of one dictionary, shared by every block patch and every clone of the model:
     `copy.deepcopy` (which `ModelPatcher.clone()` applies to model options) returns the same store."""
 
@@ -70,7 +70,7 @@ class _BlockPatch:
 class BlockSteering(_BlockPatch):
     """The `patches_replace["dit"]` entry for one block: runs the block, then steers its streams."""
 
-    def __init__(self, store: SteeringStore, positions: list[Position], cfg: SteeringConfig, previous=None):
+    def __init__(self, store: SharedSteerers, positions: list[Position], cfg: SteeringConfig, previous=None):
         slots = {p.slot for p in positions}
         if len(slots) != 1:
             raise ValueError(f"one BlockSteering serves one block, got {sorted(map(str, positions))}")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ...formats.prompts import PromptRecord
-from ...pipeline.collect import CollectError, Sink, mix_seed, hash_weights
+from ...pipeline.collect import CollectError, Sink, hash_weights, mix_seed
 from ...positions import Position
 from ...schedule import cond_rows
 from . import runtime

@@ -64,7 +64,7 @@ def _init_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> None
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-        for name, b in sorted(module.named_buffers()):  # e.g. MMDiT's pos_embed, otherwise uninitialised memory
+        for _, b in sorted(module.named_buffers()):  # e.g. MMDiT's pos_embed, otherwise uninitialised memory
             if b.is_floating_point():
                 b.copy_(torch.randn(b.shape, generator=g) * std)
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ...formats.dictionary import SafetyDictionary, load
-from ...positions import ModelLayout, Position, PositionError, parse, parse_list
+from ...positions import ModelLayout, Position, PositionError, for_layout, parse_list
 from ...schedule import half_rows, in_window
 from ...steering import SteeringConfig
 
@@ -238,18 +238,7 @@ def record(transformer, positions, callback, schedule=None) -> Hooks:
 
 
 def _model_positions(spec, layout: ModelLayout) -> list[Position]:
-    if isinstance(spec, str) and spec.strip().lower() in ("", "all"):
-        return layout.positions()
-    names = spec.split(",") if isinstance(spec, str) else spec
-    chosen = []
-    for name in names:
-        if isinstance(name, str) and not name.strip():
-            continue
-        p = name if isinstance(name, Position) else parse(name)
-        try:
-            layout.check(p)
-        except PositionError as e:
-            raise PositionError(f"{e} (this transformer has {describe(layout)})") from None
-        if p not in chosen:
-            chosen.append(p)
-    return chosen
+    try:
+        return for_layout(spec, layout)
+    except PositionError as e:
+        raise PositionError(f"{e} (this transformer has {describe(layout)})") from None

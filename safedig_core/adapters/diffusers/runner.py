@@ -23,10 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from ...pipeline.collect import CollectError, Sink, hash_weights
-from .hooks import layout_of, record
-from ...positions import Position
 from ...formats.prompts import PromptRecord
+from ...pipeline.collect import CollectError, Sink, hash_weights
+from ...positions import Position
+from ...schedule import cond_rows
+from .hooks import layout_of, record
 
 
 class DiffusersRunner:
@@ -87,7 +88,7 @@ def _cond_rows(pipe, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] % 2:
         raise CollectError(f"{type(pipe).__name__} guides with CFG but the transformer got an odd batch of "
                            f"{x.shape[0]}; cannot split it into [uncond, cond]")
-    return x[x.shape[0] // 2:]
+    return x[cond_rows(x.shape[0], [1, 0])]
 
 
 def _device(pipe) -> torch.device:

@@ -22,7 +22,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 if _REPO not in sys.path:
     sys.path.append(_REPO)
 
-from safedig_core import comfyui  # noqa: E402
+from safedig_core.adapters.comfy import runtime as comfyui  # noqa: E402
 
 FAMILIES = ["flux", "sd3"]
 POOLED = {"flux": 768, "sd3": 2048}
