@@ -31,30 +31,32 @@ def in_window(progress: float | None, cfg) -> bool:
     return cfg.start <= progress < cfg.end or (cfg.end >= 1.0 and progress >= cfg.start)
 
 
+def chunk_size(batch: int, cond_or_uncond: list) -> int:
+    """Rows per chunk of a model call's batch: ComfyUI stacks equal chunks, one per entry of `cond_or_uncond`
+    (0 = cond, 1 = uncond)."""
+    chunks = len(cond_or_uncond)
+    if batch % chunks:
+        raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
+    return batch // chunks
+
+
 def half_rows(batch: int, cond_or_uncond: list | None, apply_to: str) -> Tensor | None:
-    """Boolean mask over the batch of the rows to steer (None: all). ComfyUI stacks equal chunks,
-    one per entry of `cond_or_uncond` (0 = cond, 1 = uncond)."""
+    """Boolean mask over the batch of the rows to steer (None: all)."""
     if apply_to == "both":
         return None
     if not cond_or_uncond:
         raise ValueError(f"apply_to={apply_to!r} needs to know which batch rows are cond and uncond, "
                          "and this model call does not say (no cond_or_uncond)")
-    chunks = len(cond_or_uncond)
-    if batch % chunks:
-        raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
+    per = chunk_size(batch, cond_or_uncond)
     want = 0 if apply_to == "cond" else 1
-    per = batch // chunks
     return torch.tensor([c == want for c in cond_or_uncond]).repeat_interleave(per)
 
 
 def cond_rows(batch: int, cond_or_uncond) -> slice | None:
-    """Rows of the first cond chunk of a ComfyUI model call (None: the call holds no cond)."""
+    """Rows of the first cond chunk of a model call (None: the call holds no cond)."""
     if not cond_or_uncond:
         return slice(0, batch)
-    chunks = len(cond_or_uncond)
-    if batch % chunks:
-        raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
-    per = batch // chunks
+    per = chunk_size(batch, cond_or_uncond)
     for j, c in enumerate(cond_or_uncond):
         if c == 0:
             return slice(j * per, (j + 1) * per)

@@ -1,6 +1,6 @@
 """`safedig convert`: another library's sparse autoencoder(s) → a SafeDIG dictionary file.
 
-The readers in `importers/` give SAEs that encode exactly as in their source; this module maps them onto
+The readers beside this module (one per library) give SAEs that encode exactly as in their source; this module maps them onto
 positions of a model family, marks harmful latents the user names, and writes the file (format v1) with
 gate_scale 1 (the steering threshold then counts raw harmful mass) and provenance saying where it came from.
 """

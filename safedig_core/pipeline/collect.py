@@ -1,6 +1,7 @@
 """Collection: run a model over a prompt set and record chosen positions at chosen sampler steps into an
-activation store (store.py). The CLI (`safedig collect`) and the SafeDIG Collect Activations node both
-call `collect()`; what differs is how they build the `Runner` and report progress.
+activation store (formats/store.py). The CLI (`safedig collect`) and the SafeDIG Collect Activations node both
+call `collect()`; what differs is how they build the `Runner` (adapters/comfy/runner.py,
+adapters/diffusers/runner.py) and report progress.
 
 What is recorded, per prompt, per position, per recorded step (the cond half of the batch only, the
 first model evaluation of that step):

@@ -1,7 +1,8 @@
 """ComfyUI as a library: find it, import it headless, read a model's DiT layout, build tiny models.
 
-Nothing here is imported by the rest of the core; the CLI and the tests call it when they need a real
-ComfyUI runtime. ComfyUI is found at `$COMFYUI_PATH`, else in the project's `.cache/comfyui` (made by
+The ComfyUI adapter's entry point: the collection runner, the Feature Map, the testbed, the CLI and the nodes
+reach ComfyUI through it (`bootstrap`, `layout_of`, `steer_model`, `recording_model`); nothing below the
+adapters imports it. ComfyUI is found at `$COMFYUI_PATH`, else in the project's `.cache/comfyui` (made by
 `scripts/setup.sh`).
 """
 from __future__ import annotations
@@ -126,7 +127,7 @@ def sample(model, positive, negative, latent: torch.Tensor, seed: int = 0, steps
 
 
 def patched(model, positions, make, layout=None):
-    """A clone of ModelPatcher `model` with one patch per block of `positions` (see comfy_patch.install),
+    """A clone of ModelPatcher `model` with one patch per block of `positions` (see patches.install),
     and, for FLUX, the wrapper that tells the patches where image tokens end. The input model is untouched."""
     import comfy.patcher_extension
 

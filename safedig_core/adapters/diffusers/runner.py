@@ -2,7 +2,7 @@
 
 `collect()` is written against the Runner protocol; `ComfyRunner` samples through ComfyUI. This runner
 samples through a diffusers pipeline instead and records through the diffusers adapter's hooks
-(`diffusers_adapter.record`), so a store - and the dictionaries built from it - can come from diffusers
+(`hooks.record`), so a store - and the dictionaries built from it - can come from diffusers
 without ComfyUI. What reaches the store is what ComfyRunner delivers: the cond rows of the first
 transformer call of each sampler step. Diffusers' SD3 pipeline with guidance_scale > 1 stacks
 [uncond, cond] in one call (the second half is kept); FluxPipeline with true_cfg_scale > 1 runs the
