@@ -7,6 +7,7 @@ from ..adapters.comfy.runner import runner_from_files
 from ..formats.prompts import load_many
 from ..formats.prompts import summary as prompt_summary
 from ..formats.store import ActivationStore, summary
+from ..pipeline import distributed
 from ..pipeline.collect import collect
 from .common import StopFlag
 
@@ -57,9 +58,12 @@ def run(args) -> None:
     runner = runner_from_files(args.tiny, args.model, args.checkpoint, args.clip, args.width, args.height,
                                args.cfg, args.guidance, args.negative, args.sampler, args.scheduler)
     steps = args.steps or (4 if args.tiny else 28)
-    bar = tqdm(total=len(prompts), unit="prompt", desc="collect", dynamic_ncols=True)
+    ranks = distributed.from_env()
+    bar = tqdm(total=len(prompts), unit="prompt", desc="collect" if ranks.world == 1 else f"collect [{ranks}]",
+               dynamic_ncols=True, position=ranks.rank)
 
     def progress(done: int, total: int) -> None:
+        bar.total = total  # this rank's prompts under torchrun
         bar.n = done
         bar.refresh()
 
@@ -69,7 +73,7 @@ def run(args) -> None:
         with StopFlag(lambda: tqdm.write(notice, file=sys.stderr)) as stop:
             result = collect(runner, prompts, args.positions, args.out, steps, args.record_steps, args.token_budget,
                              args.seed, progress=progress, should_stop=stop, dtype=args.dtype,
-                             prompts_per_shard=args.prompts_per_shard)
+                             prompts_per_shard=args.prompts_per_shard, ranks=ranks)
     except KeyboardInterrupt:
         bar.close()
         print(f"safedig collect: the store at {args.out} is valid; run the same command again to resume",
@@ -77,7 +81,8 @@ def run(args) -> None:
         raise
     finally:
         bar.close()
-    print(summary(ActivationStore(args.out)))
+    if ranks.main:
+        print(summary(ActivationStore(args.out)))
     if result.stopped:
         print(f"safedig collect: stopped; run the same command again to resume ({result})", file=sys.stderr)
         raise KeyboardInterrupt

@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 PROMPTS = "prompts.jsonl"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHARD = re.compile(r"^shard-(\d{6})\.safetensors$")
+_FRAGMENT = re.compile(r"^manifest\.rank-(\d{3,})\.json$")  # shards written by rank R of a torchrun collection
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I32": torch.int32,
               "I64": torch.int64}
 _CHUNK = 1 << 20
@@ -379,11 +380,19 @@ def _diff(a, b, prefix: str = "") -> list[str]:
 
 class StoreWriter:
     """Opens (or resumes) a store for writing. `add(i, rows, pooled)` hands over prompt i's activations;
-    a shard is written as soon as all its prompts are in. Use as a context manager or call `close()`."""
+    a shard is written as soon as all its prompts are in. Use as a context manager or call `close()`.
+
+    `ranks` (`pipeline.distributed.Ranks`: rank, world, barrier) lets several processes write one store:
+    rank R writes the shards k with k mod world = R and lists them in its own `manifest.rank-R.json`; rank 0
+    opens (creates, resumes, cleans) the store before the others join, and at `close()` merges the lists into
+    `manifest.json`. A store whose writers were killed keeps their lists; the next open merges them, so a
+    rerun with any number of processes resumes it. The files are the same as one process would write."""
 
     def __init__(self, path: str, family: str, positions: list, widths: dict, prompts: list[PromptRecord],
-                 config: dict, prompts_per_shard: int = 64, dtype: str = "float16"):
+                 config: dict, prompts_per_shard: int = 64, dtype: str = "float16", ranks=None):
         self.path = os.fspath(path)
+        self.rank, self.world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
+        self._barrier = ranks.barrier if ranks is not None else (lambda: None)
         names = [str(p) for p in positions]
         for n in names:
             parse(n)
@@ -413,11 +422,15 @@ class StoreWriter:
         self._buf: dict[int, dict[int, tuple]] = {}
         self.closed = False
         mpath = os.path.join(self.path, MANIFEST)
-        if os.path.isfile(mpath):
+        if self.rank == 0:
+            if os.path.isfile(mpath):
+                self._resume(_load_manifest(self.path))
+            else:
+                self._create(lines)
+            self._clean()
+        self._barrier()
+        if self.rank != 0:
             self._resume(_load_manifest(self.path))
-        else:
-            self._create(lines)
-        self._clean()
 
     # opening
     def _create(self, lines: bytes) -> None:
@@ -432,6 +445,8 @@ class StoreWriter:
         self._write_manifest()
 
     def _resume(self, m: dict) -> None:
+        """Check the settings against the store's and take over its finished shards (rank 0 also those that
+        other ranks listed in their manifest fragments, then rewrites the manifest without the fragments)."""
         diffs = []
         for key in ("family", "positions", "widths", "dtype", "prompts_per_shard", "config"):
             diffs += _diff(m.get(key, "<absent>"), self.head[key], key)
@@ -442,7 +457,9 @@ class StoreWriter:
         if m.get("prompts_sha256") != self.head["prompts_sha256"]:
             raise StoreError(f"{self.path} was collected over a different prompt list ({self._prompt_diff()}); "
                              "use another output folder, or delete this one to start over")
-        for s in m.get("shards", []):
+        fragments = self._fragments() if self.rank == 0 else {}
+        listed = list(m.get("shards", [])) + [s for entries in fragments.values() for s in entries]
+        for s in listed:
             k = int(_SHARD.match(s["file"]).group(1)) if _SHARD.match(s.get("file", "")) else None
             if k is None or not 0 <= k < self.num_shards:
                 raise StoreError(f"{self.path}/{MANIFEST}: bad shard entry {s!r}")
@@ -453,8 +470,24 @@ class StoreWriter:
                 raise StoreError(f"shard {s['file']} is corrupt ({os.path.getsize(spath)} bytes, the manifest says "
                                  f"{s['bytes']}) in {self.path}; delete it and run again to recollect its prompts")
             self.shards[k] = s
-        if len(self.shards) != len(m.get("shards", [])) or bool(m.get("complete")) != self.complete:
+        if self.rank == 0 and (fragments or len(self.shards) != len(m.get("shards", []))
+                               or bool(m.get("complete")) != self.complete):
             self._write_manifest()
+            for name in fragments:
+                os.remove(os.path.join(self.path, name))
+
+    def _fragments(self) -> dict[str, list]:
+        """{file name: shard entries} of the manifest fragments left by ranks of a torchrun collection."""
+        out = {}
+        for name in sorted(os.listdir(self.path)):
+            if _FRAGMENT.match(name):
+                try:
+                    with open(os.path.join(self.path, name), encoding="utf-8") as f:
+                        out[name] = list(json.load(f)["shards"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise StoreError(f"{self.path}/{name}: unreadable manifest fragment of a distributed "
+                                     "collection; delete it to recollect the shards it listed") from None
+        return out
 
     def _prompt_diff(self) -> str:
         try:
@@ -471,7 +504,8 @@ class StoreWriter:
 
     @staticmethod
     def _ours(name: str) -> bool:
-        return name in (MANIFEST, PROMPTS) or bool(_SHARD.match(name)) or (name.startswith(".") and name.endswith(".tmp"))
+        return (name in (MANIFEST, PROMPTS) or bool(_SHARD.match(name)) or bool(_FRAGMENT.match(name))
+                or (name.startswith(".") and name.endswith(".tmp")))
 
     def _clean(self) -> None:
         """Remove what a killed writer left behind: temporary files and shards not in the manifest."""
@@ -488,6 +522,10 @@ class StoreWriter:
     def shard_of(self, i: int) -> int:
         return i // self.pps
 
+    def owns(self, i: int) -> bool:
+        """Whether prompt i is this rank's to collect (its shard number mod the number of ranks)."""
+        return self.shard_of(i) % self.world == self.rank
+
     def done(self, i: int) -> bool:
         """Whether prompt i is already stored (its shard is written)."""
         return self.shard_of(i) in self.shards
@@ -496,7 +534,11 @@ class StoreWriter:
         return {**self.head, "complete": self.complete, "shards": [self.shards[k] for k in sorted(self.shards)]}
 
     def _write_manifest(self) -> None:
-        write_bytes(os.path.join(self.path, MANIFEST), _json_bytes(self.manifest()))
+        if self.rank == 0:
+            write_bytes(os.path.join(self.path, MANIFEST), _json_bytes(self.manifest()))
+        else:
+            mine = [self.shards[k] for k in sorted(self.shards) if k % self.world == self.rank]
+            write_bytes(os.path.join(self.path, f"manifest.rank-{self.rank:03d}.json"), _json_bytes({"shards": mine}))
 
     # writing
     def add(self, i: int, rows: dict, pooled: dict) -> None:
@@ -575,6 +617,13 @@ class StoreWriter:
             return
         self._buf.clear()
         self._write_manifest()
+        if self.world > 1:  # rank 0 merges every rank's list into manifest.json; then all see the whole store
+            self._barrier()
+            if self.rank == 0:
+                self._resume(_load_manifest(self.path))
+            self._barrier()
+            if self.rank != 0:
+                self._resume(_load_manifest(self.path))
         self.closed = True
 
     def __enter__(self):

@@ -29,6 +29,7 @@ import torch
 from ..formats.prompts import PromptRecord
 from ..formats.store import StoreWriter
 from ..positions import ModelLayout, Position, PositionError, for_layout
+from .distributed import SINGLE, Ranks
 
 SHARD_TARGET_BYTES = 256 << 20  # default shard size: one position of one shard is what a reader holds
 MAX_PROMPTS_PER_SHARD = 32  # an interruption loses at most the prompts of one unfinished shard
@@ -155,10 +156,12 @@ class CollectResult:
 def collect(runner: Runner, prompts: list[PromptRecord], positions, store_path: str, steps: int, record_steps,
             token_budget: int, seed: int, progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None, dtype: str = "float16",
-            prompts_per_shard: int | None = None) -> CollectResult:
+            prompts_per_shard: int | None = None, ranks: Ranks = SINGLE) -> CollectResult:
     """Collect `positions` at `record_steps` of a `steps`-step sampling of every prompt into the store at
     `store_path`, resuming whatever is already stored there (a store made with other settings is refused).
-    `progress(done, total)` is called after each prompt; `should_stop()` is asked before each one."""
+    `progress(done, total)` is called after each prompt; `should_stop()` is asked before each one. With
+    several `ranks` (torchrun) each collects the prompts of its own shards; totals and progress are this
+    rank's, `complete` is the whole store's."""
     layout = runner.layout
     chosen = parse_positions(positions, layout)
     want = parse_record_steps(record_steps, steps)
@@ -175,12 +178,15 @@ def collect(runner: Runner, prompts: list[PromptRecord], positions, store_path: 
     sampled = resumed = 0
     stopped = False
     with StoreWriter(store_path, layout.family, [p.name for p in chosen], widths, prompts, config,
-                     prompts_per_shard=pps, dtype=dtype) as writer:
-        resumed = sum(writer.done(i) for i in range(total))
+                     prompts_per_shard=pps, dtype=dtype, ranks=ranks) as writer:
+        mine = [i for i in range(total) if writer.owns(i)]
+        total = len(mine)
+        resumed = sum(writer.done(i) for i in mine)
         if progress:
             progress(resumed, total)
         done = resumed
-        for i, rec in enumerate(prompts):
+        for i in mine:
+            rec = prompts[i]
             if writer.done(i):
                 continue
             if should_stop is not None and should_stop():
@@ -192,8 +198,8 @@ def collect(runner: Runner, prompts: list[PromptRecord], positions, store_path: 
             done += 1
             if progress:
                 progress(done, total)
-        complete = writer.complete
-        stored = sum(s["prompts"][1] - s["prompts"][0] for s in writer.shards.values())
+    complete = writer.complete
+    stored = sum(s["prompts"][1] - s["prompts"][0] for k, s in writer.shards.items() if k % ranks.world == ranks.rank)
     return CollectResult(store_path, total, stored - resumed, resumed, stopped, complete, sampled - (stored - resumed))
 
 
