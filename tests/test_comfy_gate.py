@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_dictionary
+from test_comfy_steering import conds, load
+
 from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.sae import SparseAutoencoder
-from test_comfy_steering import conds, load
 
 pytestmark = pytest.mark.comfy
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from test_steering_properties import FAST, cases, rows_of, strengths
 
 from safedig_core.gate import CallDecision, GatePlan, plan, steer_block
 from safedig_core.positions import ModelLayout, parse
 from safedig_core.schedule import half_rows
 from safedig_core.steering import PositionSteerer, SteeringConfig
-from test_steering_properties import FAST, cases, rows_of, strengths
 
 IMAGE = SteeringConfig(blend=1.0, repel=1.0, gate="image")
 
