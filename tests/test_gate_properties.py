@@ -5,6 +5,8 @@ exact (bit for bit, or a structural equality), none measures an effect size.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -236,3 +238,55 @@ def test_a_call_refuses_a_batch_the_detectors_did_not_see():
     with pytest.raises(ValueError, match="batch of 3 rows"):
         steer_block({a: torch.randn(3, 4, 16)}, steerers, IMAGE.with_(detect="text"), GatePlan((a,), (d,)),
                     call, lambda t: None)
+
+
+# ------------------------------------------------------------------------------------------ the gate units
+
+
+class FakeStore:
+    """Token rows of prompts × steps × tokens, handed out in small batches that cut across images."""
+
+    def __init__(self, records, x, prompt, step):
+        self.prompts, self.x, self.prompt, self.step = records, x, prompt, step
+
+    def iter_batches(self, p, batch_size, prompts=None):
+        from safedig_core.formats.store import Batch
+
+        keep = torch.isin(self.prompt, torch.tensor(list(prompts), dtype=torch.long))
+        x, pr, st_ = self.x[keep], self.prompt[keep], self.step[keep]
+        for i in range(0, len(x), 5):
+            yield Batch(x[i:i + 5], pr[i:i + 5], st_[i:i + 5], torch.zeros(len(x[i:i + 5]), dtype=torch.long))
+
+
+@FAST
+@given(case=cases(acts=("relu", "topk")), steps=st.integers(1, 3), q=st.sampled_from([0.5, 0.9, 0.99, 1.0]))
+def test_gate_units_are_the_quantiles_of_each_gates_statistic(case, steps, q):
+    from safedig_core.formats.prompts import PromptRecord
+    from safedig_core.pipeline.build import gate_scale, gate_units, image_gate_scale
+
+    sae, harmful, x = case
+    B, T, d = x.shape
+    records = [PromptRecord(f"p{i}", "a prompt", "safe" if i % 2 == 0 else "unsafe", "" if i % 2 == 0 else "c")
+               for i in range(B)]
+    tokens = x.repeat_interleave(steps, 0) * torch.linspace(0.5, 1.5, steps).repeat(B).view(-1, 1, 1)
+    prompt = torch.arange(B).repeat_interleave(steps * T)
+    step = torch.arange(steps).repeat_interleave(T).repeat(B)
+    store = FakeStore(records, tokens.reshape(-1, d), prompt, step)
+    steerer = PositionSteerer(sae, harmful)
+    token_unit, image_unit = gate_units(store, None, steerer, q)
+    # the reference: the same rows in the same batches (so the same kernels), grouped by a plain loop
+    masses = {}
+    for label, idx in (("safe", range(0, B, 2)), ("unsafe", range(1, B, 2))):
+        rows, images = [], {}
+        for batch in store.iter_batches(None, 4096, prompts=idx):
+            for m, pr, sp in zip(steerer.harmful_mass(batch.x).float().tolist(), batch.prompt.tolist(),
+                                 batch.step.tolist()):
+                rows.append(m)
+                images[(pr, sp)] = max(images.get((pr, sp), -math.inf), m)
+        assert len(images) == len(idx) * steps
+        masses[label] = (torch.tensor(rows), torch.tensor(list(images.values())))
+    floor = lambda v: 1e-3 * float(v.mean()) if v.numel() else 0.0  # noqa: E731
+    for i, unit in ((0, token_unit), (1, image_unit)):
+        assert unit == max(float(torch.quantile(masses["safe"][i], q)), floor(masses["unsafe"][i]), 1e-6)
+    assert image_unit >= token_unit or q < 1.0  # the max over an image's tokens is never below its tokens
+    assert gate_scale(store, None, steerer, q) == token_unit and image_gate_scale(store, None, steerer, q) == image_unit
