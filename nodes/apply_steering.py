@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from ..safedig_core.adapters.comfy.runtime import layout_of, steer_model
+from ..safedig_core.gate import plan
 from ..safedig_core.positions import parse_list
 from ..safedig_core.steering import APPLY_TO, SteeringConfig
 from .api import CATEGORY, DICTIONARY, io
+
+GATES = {"per token": "token", "per image": "image"}
+DETECT_AT = {"each position": "each", "text positions": "text", "image positions": "img"}
 
 
 def apply(model, loaded, cfg: SteeringConfig, positions: str = "all"):
@@ -12,8 +16,17 @@ def apply(model, loaded, cfg: SteeringConfig, positions: str = "all"):
     d = loaded.dictionary
     layout = layout_of(model.get_model_object("diffusion_model"))
     chosen = parse_list(positions, d.positions)
-    d.check_layout(layout, chosen, source=f"safety dictionary {loaded.name}")
+    d.check_layout(layout, plan(cfg, chosen, d.positions).positions, source=f"safety dictionary {loaded.name}")
     return steer_model(model, loaded.store, chosen, cfg, layout)
+
+
+def config(blend, repel, threshold, start_percent, end_percent, apply_to, preserve_norm, gate="per token",
+           detect_at="each position") -> SteeringConfig:
+    """The node's widgets as a SteeringConfig; `detect_at` only means something to the per-image gate."""
+    g = GATES[gate]
+    return SteeringConfig(blend=blend, repel=repel, threshold=threshold, start=start_percent, end=end_percent,
+                          apply_to=apply_to, preserve_norm=preserve_norm, gate=g,
+                          detect=DETECT_AT[detect_at] if g == "image" else "each")
 
 
 class SafeDIGApplySteering(io.ComfyNode):
@@ -35,7 +48,9 @@ class SafeDIGApplySteering(io.ComfyNode):
                 io.Float.Input("threshold", default=1.0, min=0.0, max=1000.0, step=0.01,
                                tooltip="τ: steer only tokens whose harmful mass exceeds τ × the dictionary's gate "
                                        "unit (1 = more than 99% of safe tokens reach, for dictionaries made by "
-                                       "SafeDIG; 0 = any harmful activity)"),
+                                       "SafeDIG; 0 = any harmful activity); under the per-image gate, images "
+                                       "whose strongest token exceeds τ × the per-image unit (1 = more than "
+                                       "99% of safe images reach)"),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Start of the window, as a fraction of the sampler's steps"),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -46,13 +61,23 @@ class SafeDIGApplySteering(io.ComfyNode):
                                 tooltip="'all' or a comma list of the dictionary's positions, e.g. double.7.img, single.12.img"),
                 io.Boolean.Input("preserve_norm", default=False,
                                  tooltip="Rescale each steered token to its original norm"),
+                io.Combo.Input("gate", options=list(GATES), default="per token",
+                               tooltip="per token: steer each token whose own harmful mass exceeds τ. per image: "
+                                       "decide once per image (and per prompt/negative half): when its strongest "
+                                       "token exceeds τ × the dictionary's per-image unit, steer every token of it "
+                                       "that carries harmful activity"),
+                io.Combo.Input("detect_at", options=list(DETECT_AT), default="each position",
+                               tooltip="Per-image gate only: where the decision is made. each position: every "
+                                       "position decides for itself. text/image positions: the steered text "
+                                       "(or image) stream positions decide, and every steered position of the "
+                                       "same model call follows; positions before the first of them in the "
+                                       "model are refused"),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, dictionary, blend, repel, threshold, start_percent, end_percent, apply_to,
-                positions, preserve_norm) -> io.NodeOutput:
-        cfg = SteeringConfig(blend=blend, repel=repel, threshold=threshold, start=start_percent,
-                             end=end_percent, apply_to=apply_to, preserve_norm=preserve_norm)
+                positions, preserve_norm, gate="per token", detect_at="each position") -> io.NodeOutput:
+        cfg = config(blend, repel, threshold, start_percent, end_percent, apply_to, preserve_norm, gate, detect_at)
         return io.NodeOutput(apply(model, dictionary, cfg, positions))

@@ -35,6 +35,12 @@ class Position:
         return "sd3" if self.kind == "joint" else "flux"
 
     @property
+    def call_order(self) -> tuple[int, int]:
+        """Where this position's block runs within one model call: FLUX's double blocks, then its single
+        blocks; SD3's joint blocks in order. Both streams of a block share it."""
+        return (FAMILIES[self.family].index(self.kind), self.index)
+
+    @property
     def slot(self) -> tuple[str, int]:
         """The (block_name, index) key of ComfyUI's `patches_replace["dit"]` that serves this position.
         MMDiT joint blocks are registered as "double_block" by ComfyUI."""

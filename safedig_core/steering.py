@@ -1,9 +1,14 @@
 """Blend and Repel: the steering maths, in exactly one place, for every adapter (ComfyUI, diffusers).
 
 Per token x (one row), with code z = E(x) and harmful latents H:
-- gate: act only where the harmful mass g = Σ_{j∈H} z_j exceeds τ·gate_scale (the dictionary's unit: the
-  high quantile of g on safe tokens measured when it was built, 1 otherwise), inside the sampler window, on the
-  chosen batch halves; every other token is returned bit for bit;
+- gate (`SteeringConfig.gate`), inside the sampler window, on the chosen batch halves; every other token is
+  returned bit for bit:
+  - "token": act where the token's own harmful mass g = Σ_{j∈H} z_j exceeds τ·gate_scale (the dictionary's
+    unit: the high quantile of g over safe tokens measured when it was built, 1 otherwise);
+  - "image": decide per batch row (one image of one cond/uncond half): the row is flagged when the max of g
+    over its tokens exceeds τ·image_gate_scale (the same quantile over safe images' max, see `gate.py`), at
+    this position or at the detecting positions of `detect` (the adapters carry that decision between the
+    blocks of one model call); in a flagged row every token with harmful activity (g > 0) is steered;
 - Blend (α): move toward x_safe = D(z_safe) + (x − D(z)), where z_safe replaces the active harmful codes
   by their safe values. The replacement c is solved so that re-encoding x_safe puts the active harmful
   pre-activations exactly at their safe values (G_AA c = s_A − z_A, G = W_enc[H] W_dec[H]ᵀ), which is
@@ -21,9 +26,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .positions import PositionError, parse
 from .sae import SparseAutoencoder
 
 APPLY_TO = ("both", "cond", "uncond")
+GATES = ("token", "image")
+DETECT = ("each", "text", "img")  # or a comma list of position names
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,10 @@ class SteeringConfig:
     apply_to: str = "both"
     preserve_norm: bool = False
     blend_passes: int = 3  # Blend re-encodes at most this many times in all (see PositionSteerer._blend_shift)
+    gate: str = "token"  # "token": each token by its own mass; "image": one decision per batch row
+    # where the per-image decision is made: "each" position for itself, the "text" or "img" stream positions
+    # of the steered set, or a comma list of the dictionary's positions (see gate.detectors)
+    detect: str = "each"
 
     def __post_init__(self):
         problems = []
@@ -51,6 +63,9 @@ class SteeringConfig:
             problems.append(f"blend_passes={self.blend_passes} must be ≥ 1")
         if self.apply_to not in APPLY_TO:
             problems.append(f"apply_to={self.apply_to!r} must be one of {', '.join(APPLY_TO)}")
+        if self.gate not in GATES:
+            problems.append(f"gate={self.gate!r} must be one of {', '.join(GATES)}")
+        problems += _detect_problems(self.detect, self.gate)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -58,8 +73,36 @@ class SteeringConfig:
     def is_identity(self) -> bool:
         return self.blend == 0.0 and self.repel == 0.0
 
+    @property
+    def image_gate(self) -> bool:
+        return self.gate == "image"
+
     def with_(self, **changes) -> "SteeringConfig":
         return replace(self, **changes)
+
+
+def _detect_problems(detect, gate: str) -> list[str]:
+    if not isinstance(detect, str):
+        return [f"detect={detect!r} must be a string"]
+    if detect.strip().lower() in DETECT:
+        if gate != "image" and detect.strip().lower() != "each":
+            return [f"detect={detect!r} needs gate='image': a per-token decision cannot be carried to other tokens"]
+        return []
+    names = [n for n in detect.split(",") if n.strip()]
+    if not names:
+        return [f"detect={detect!r} must be one of {', '.join(DETECT)} or a comma list of positions"]
+    bad = []
+    for n in names:
+        try:
+            parse(n)
+        except PositionError:
+            bad.append(n.strip())
+    if bad:
+        return [f"detect={detect!r}: {bad[0]!r} is neither one of {', '.join(DETECT)} nor a position name "
+                "such as double.0.txt or joint.3.txt"]
+    if gate != "image":
+        return [f"detect={detect!r} needs gate='image': a per-token decision cannot be carried to other tokens"]
+    return []
 
 
 class PositionSteerer:
@@ -67,9 +110,12 @@ class PositionSteerer:
     model's device and dtype (`to`)."""
 
     def __init__(self, sae: SparseAutoencoder, harmful: Tensor, safe_values: Tensor | None = None,
-                 gate_scale: float = 1.0):
+                 gate_scale: float = 1.0, image_gate_scale: float | None = None):
         self.sae = sae.requires_grad_(False)  # master weights, as loaded
         self.gate_scale = float(gate_scale)  # τ is measured in this unit of harmful mass
+        # the per-image gate's unit (max of the mass over an image's tokens); dictionaries made before it
+        # existed fall back on the token unit
+        self.image_gate_scale = float(gate_scale if image_gate_scale is None else image_gate_scale)
         self.harmful = harmful.long()
         h = len(self.harmful)
         self.safe_values = torch.zeros(h) if safe_values is None else safe_values.float()
@@ -127,13 +173,35 @@ class PositionSteerer:
         flat = x.reshape(-1, x.shape[-1])
         return self.harmful_codes(sae, sae.prepare(flat), lookup).sum(-1).reshape(x.shape[:-1])
 
-    def steer(self, x: Tensor, cfg: SteeringConfig, rows: Tensor | None = None) -> Tensor:
-        """Steer tokens x [B, T, d] (or [N, d]); `rows` [B] masks the batch rows that may be steered.
-        Returns x itself when nothing is steered, else a new tensor equal to x outside steered tokens."""
+    def image_mass(self, x: Tensor) -> Tensor:
+        """The per-image gate's statistic: max of the harmful mass over each row's tokens, x [B, T, d] → [B]."""
+        if x.dim() != 3:
+            raise ValueError(f"the per-image gate needs tokens as [batch, tokens, width], got shape {list(x.shape)}")
+        if x.shape[1] == 0:
+            return x.new_zeros(x.shape[0], dtype=torch.float32)
+        return self.harmful_mass(x).float().amax(-1)
+
+    def flag_images(self, x: Tensor, cfg: SteeringConfig) -> Tensor:
+        """[B] bool: the rows of x [B, T, d] whose image statistic exceeds τ in this position's image unit."""
+        if len(self.harmful) == 0:
+            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return self.image_mass(x) > cfg.threshold * self.image_gate_scale
+
+    def steer(self, x: Tensor, cfg: SteeringConfig, rows: Tensor | None = None,
+              flagged: Tensor | None = None) -> Tensor:
+        """Steer tokens x [B, T, d] (or [N, d] under the token gate); `rows` [B] masks the batch rows that may be
+        steered. Under the image gate, `flagged` [B] is a decision made elsewhere (the detecting positions);
+        without it this position decides from x. Returns x itself when nothing is steered, else a new tensor
+        equal to x outside steered tokens."""
         if cfg.is_identity or len(self.harmful) == 0 or x.numel() == 0:
             return x
         if x.shape[-1] != self.width:
             raise ValueError(f"activation width {x.shape[-1]} does not match the dictionary's {self.width}")
+        if flagged is not None and not cfg.image_gate:
+            raise ValueError("a per-image decision (flagged) was given, but the gate is per token")
+        if cfg.image_gate:
+            decided = self.flag_images(x, cfg) if flagged is None else flagged.to(device=x.device, dtype=torch.bool)
+            rows = decided if rows is None else decided & rows.to(x.device)
         sae, lookup, D_H, gram, safe = self._derived(x.device, x.dtype)
         flat = x.reshape(-1, x.shape[-1])
         if rows is not None:
@@ -145,7 +213,8 @@ class PositionSteerer:
             cand = None
         sub = flat if cand is None else flat[cand]
         z_H = self.harmful_codes(sae, sae.prepare(sub), lookup)
-        gated = (z_H.sum(-1) > cfg.threshold * self.gate_scale).nonzero().squeeze(1)
+        floor = 0.0 if cfg.image_gate else cfg.threshold * self.gate_scale  # flagged images: any harmful activity
+        gated = (z_H.sum(-1) > floor).nonzero().squeeze(1)
         if gated.numel() == 0:
             return x
         token = gated if cand is None else cand[gated]

@@ -62,6 +62,7 @@ def test_build_routes_trains_adapts_and_the_file_steers(comfy, flux, store, tmp_
         assert e.sae.latents == 4 * 64 and e.harmful
         assert "fvu" in e.metrics and "target_fvu_after" in e.metrics
         assert e.metrics["target_fvu_after"] < e.metrics["target_fvu_before"]
+        assert e.image_gate_scale > 0 and e.metrics["image_gate_scale"] == e.image_gate_scale  # the per-image unit
     # the encoder is the source dictionary's, bit for bit (decoder-only adaptation)
     src = load(str(tmp_path / "work" / SOURCE_DICTIONARY))
     for p, e in d.entries.items():
@@ -78,6 +79,10 @@ def test_build_routes_trains_adapts_and_the_file_steers(comfy, flux, store, tmp_
     pos, neg = enc("fire scene 0")
     base = comfyui.sample(flux, pos, neg, torch.zeros(1, 16, 8, 8), seed=1, steps=3)
     assert not torch.equal(comfyui.sample(steered, pos, neg, torch.zeros(1, 16, 8, 8), seed=1, steps=3), base)
+    per_image = node.execute(model=flux, dictionary=loaded, blend=1.0, repel=1.0, threshold=0.0, start_percent=0.0,
+                             end_percent=1.0, apply_to="both", positions="all", preserve_norm=False,
+                             gate="per image", detect_at="each position").result[0]
+    assert not torch.equal(comfyui.sample(per_image, pos, neg, torch.zeros(1, 16, 8, 8), seed=1, steps=3), base)
 
 
 def test_interrupted_build_resumes(store, tmp_path):

@@ -494,3 +494,40 @@ def test_check_layout_width_mismatch():
     txt = ModelLayout("flux", {"double": 19, "single": 38}, D, txt_width=24)
     with pytest.raises(DictionaryError, match=rf"position double\.3\.txt has width {D} in the dictionary but 24"):
         d.check_layout(txt)
+
+
+# ------------------------------------------------------------------------------------- the gate units
+
+
+def test_gate_units_round_trip_and_old_files_keep_loading(good, tmp_path):
+    path, tensors, meta = good
+    assert all("image_gate_scale" not in m for m in meta["positions"].values())  # not written when unset
+    old = dictionary.load(path)
+    assert all(e.image_gate_scale is None for e in old.entries.values())
+    st = old.entries[parse("double.0.img")].steerer()
+    assert st.image_gate_scale == st.gate_scale == 1.0  # files without the key: the token unit
+    d = make_dict("flux")
+    e = d.entries[parse("double.0.img")]
+    e.gate_scale, e.image_gate_scale = 2.5, 7.25
+    dictionary.save(d, str(tmp_path / "units.safetensors"))
+    back = dictionary.load(str(tmp_path / "units.safetensors"))
+    b = back.entries[parse("double.0.img")]
+    assert (b.gate_scale, b.image_gate_scale) == (2.5, 7.25)
+    assert (b.steerer().gate_scale, b.steerer().image_gate_scale) == (2.5, 7.25)
+    assert "per-image gate unit: 7.25" in dictionary.summary(back)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "big", math.inf, True])
+def test_bad_image_gate_unit(good, tmp_path, value):
+    _, tensors, meta = good
+    meta["positions"]["double.0.img"]["image_gate_scale"] = value
+    expect_error(write(tmp_path, tensors, meta), "position double.0.img", "'image_gate_scale' must be a positive number")
+
+
+def test_per_image_defaults_load(good, tmp_path):
+    _, tensors, meta = good
+    meta["steering_defaults"] = {"repel": 1.0, "gate": "image", "detect": "text"}
+    cfg = dictionary.load(write(tmp_path, tensors, meta)).default_config()
+    assert (cfg.gate, cfg.detect) == ("image", "text")
+    meta["steering_defaults"] = {"gate": "token", "detect": "text"}
+    expect_error(write(tmp_path, tensors, meta, "bad2.safetensors"), "bad steering defaults", "needs gate='image'")

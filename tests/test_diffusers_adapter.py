@@ -21,6 +21,7 @@ from safedig_core.adapters.comfy.patches import SharedSteerers
 from safedig_core.adapters.diffusers.hooks import HALVES, layout_of, record, steer
 from safedig_core.formats.dictionary import DictionaryError, save
 from safedig_core.positions import PositionError, parse, parse_list
+from safedig_core.sae import SparseAutoencoder
 from safedig_core.steering import PositionSteerer, SteeringConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -298,6 +299,68 @@ def test_mismatched_dictionaries_are_rejected_with_the_same_message(adapter, nam
         adapter(name, "flux").run(inputs(1), firing("flux", ["double.0.img"]), STEER, positions="single.0.img")
 
 
+DETECTOR = {"flux": "double.0.txt", "sd3": "joint.0.txt"}
+
+
+def two_images():
+    """Two images whose prompts differ in strength, so that a text-stream statistic tells them apart."""
+    inp = inputs(2)
+    inp["ctx"] = inp["ctx"] * torch.tensor([1.0, 0.25]).view(2, 1, 1)
+    return inp
+
+
+def image_gate_case(dmodels, family, inp):
+    """A dictionary and per-image config whose detector (the first block's text stream, a ReLU SAE firing
+    along its harmful directions) flags exactly one of the two images of `inp`: τ sits halfway between the
+    two images' statistic, at least 3 % away from both (the adapters agree to 1e-4). Every other position fires on every token but has
+    a per-image unit so large that it never flags an image by itself. Returns (dictionary, cfg, flagged row)."""
+    d = firing(family)
+    for e in d.entries.values():
+        e.image_gate_scale = 1e9
+    det = d.entries[parse(DETECTOR[family])]
+    relu = SparseAutoencoder(det.sae.d, det.sae.latents, det.sae.k, "relu")
+    relu.load_state_dict(det.sae.state_dict())
+    with torch.no_grad():
+        relu.b_enc[len(det.harmful):] = -1e4
+        relu.b_enc[:len(det.harmful)] = 0.0
+    det.sae, det.image_gate_scale = relu.requires_grad_(False), 1.0
+    _, rec = DiffusersAdapter("diffusers", family, dmodels[family]).run(inp, rec=[DETECTOR[family]])
+    stat = det.steerer().image_mass(rec[DETECTOR[family]])
+    lo, hi = sorted(stat.tolist())
+    tau = (lo + hi) / 2
+    assert lo < tau / 1.03 and hi > tau * 1.03, f"the two images' statistics {stat.tolist()} are too close"
+    return d, STEER.with_(gate="image", detect="text", threshold=tau), int(stat.argmax())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_per_image_gate_follows_the_text_decision(adapter, name, family, dmodels):
+    """The text position's decision reaches every position of the call: the flagged image is steered, the
+    other keeps every bit, though every acting position fires on both."""
+    a, inp = adapter(name, family), two_images()
+    d, cfg, flagged = image_gate_case(dmodels, family, inp)
+    base, _ = a.run(inp)
+    out, _ = a.run(inp, d, cfg)
+    assert torch.equal(out[1 - flagged], base[1 - flagged])
+    assert not torch.equal(out[flagged], base[flagged])
+    alone, _ = a.run(inp, d, cfg.with_(detect="each"), positions=",".join(p for p in ALL[family] if p != DETECTOR[family]))
+    assert torch.equal(alone, base)  # deciding for themselves, the acting positions flag nothing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_call_decides_afresh(dmodels, family):
+    """One `steer` context, two calls: the second call's decision is its own (the images swapped places)."""
+    inp = two_images()
+    swapped = {k: v.flip(0) for k, v in inp.items()}
+    d, cfg, flagged = image_gate_case(dmodels, family, inp)
+    m = dmodels[family]
+    bases = [dforward(m, family, inp), dforward(m, family, swapped)]
+    with steer(m, d, cfg):
+        outs = [dforward(m, family, inp), dforward(m, family, swapped)]
+    for (out, base), row in zip(zip(outs, bases), (flagged, 1 - flagged)):
+        assert torch.equal(out[1 - row], base[1 - row]) and not torch.equal(out[row], base[row])
+
+
 # ------------------------------------------------------------------------------ the two adapters agree
 
 
@@ -316,6 +379,20 @@ def test_diffusers_and_comfyui_agree_unsteered_and_steered(adapter, family):
         torch.testing.assert_close(out_d, out_c, atol=1e-4, rtol=1e-4)
     base, _ = dif.run(inp)
     assert not torch.equal(out_d, base)  # the second round did steer
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_and_comfyui_agree_under_the_per_image_gate(adapter, family, dmodels):
+    dif, com = adapter("diffusers", family), adapter("comfy", family)
+    inp = two_images()
+    d, cfg, flagged = image_gate_case(dmodels, family, inp)
+    (out_d, rec_d), (out_c, rec_c) = dif.run(inp, d, cfg, rec=ALL[family]), com.run(inp, d, cfg, rec=ALL[family])
+    for p in ALL[family]:
+        torch.testing.assert_close(rec_d[p], rec_c[p], atol=1e-4, rtol=1e-4, msg=lambda m, p=p: f"{p}: {m}")
+    torch.testing.assert_close(out_d, out_c, atol=1e-4, rtol=1e-4)
+    base, _ = dif.run(inp)
+    assert torch.equal(out_d[1 - flagged], base[1 - flagged]) and not torch.equal(out_d[flagged], base[flagged])
 
 
 # -------------------------------------------------------------------------------- diffusers adapter only

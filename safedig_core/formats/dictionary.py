@@ -5,8 +5,9 @@ Layout (format version 1):
   `<position>.b_dec [d]`, and `<position>.threshold [L]` for JumpReLU; float32, float16 or bfloat16;
 - header metadata key `safedig`: JSON with `format_version`, `family`, `positions` (per position:
   width, latents, k, activation, scale, harmful = [[latent, score], ...], optional safe_values,
-  gate_scale (the unit of the steering threshold τ, default 1), metrics, and normalize (per-token input
-  normalisation of converted SAEs, default "none")), `steering_defaults` and `provenance`.
+  gate_scale (the unit of the steering threshold τ, default 1), optional image_gate_scale (the unit of τ
+  under the per-image gate; absent: gate_scale), metrics, and normalize (per-token input normalisation of
+  converted SAEs, default "none")), `steering_defaults` and `provenance`.
 Loading reads only the safetensors header and tensors: nothing is ever unpickled. Every problem is a
 `DictionaryError` whose message names the file and what is wrong.
 """
@@ -44,10 +45,12 @@ class DictionaryEntry:
     safe_values: list[float] | None = None
     metrics: dict = field(default_factory=dict)
     gate_scale: float = 1.0  # unit of the steering threshold τ (harmful mass); see steering.py
+    image_gate_scale: float | None = None  # unit of τ for the per-image gate (None: gate_scale); see gate.py
 
     def steerer(self) -> PositionSteerer:
         safe = None if self.safe_values is None else torch.tensor(self.safe_values, dtype=torch.float32)
-        return PositionSteerer(self.sae, torch.tensor(self.harmful, dtype=torch.long), safe, self.gate_scale)
+        return PositionSteerer(self.sae, torch.tensor(self.harmful, dtype=torch.long), safe, self.gate_scale,
+                               self.image_gate_scale)
 
 
 @dataclass
@@ -89,6 +92,8 @@ def _metadata(d: SafetyDictionary) -> dict:
             meta["safe_values"] = [float(v) for v in e.safe_values]
         if e.gate_scale != 1.0:
             meta["gate_scale"] = float(e.gate_scale)
+        if e.image_gate_scale is not None:
+            meta["image_gate_scale"] = float(e.image_gate_scale)
         if s.normalize != "none":
             meta["normalize"] = s.normalize
         if e.metrics:
@@ -163,6 +168,15 @@ def _int(meta, key, path, pos, lo=1):
     return v
 
 
+def _unit(meta, key, default, path, pos):
+    v = meta.get(key, default)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        _fail(path, f"position {pos}: '{key}' must be a positive number, got {v!r}")
+    return float(v)
+
+
 def load(path: str) -> SafetyDictionary:
     meta = read_metadata(path)
     family = meta["family"]
@@ -225,10 +239,9 @@ def load(path: str) -> SafetyDictionary:
             metrics = pm.get("metrics", {})
             if not isinstance(metrics, dict):
                 _fail(path, f"position {p}: 'metrics' must be a JSON object")
-            gate = pm.get("gate_scale", 1.0)
-            if not isinstance(gate, (int, float)) or isinstance(gate, bool) or not math.isfinite(gate) or gate <= 0:
-                _fail(path, f"position {p}: 'gate_scale' must be a positive number, got {gate!r}")
-            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, float(gate))
+            gate = _unit(pm, "gate_scale", 1.0, path, p)
+            image_gate = _unit(pm, "image_gate_scale", None, path, p)
+            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, gate, image_gate)
     known = {f"{p}.{n}" for p, e in entries.items()
              for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
     extra = sorted(meta["_keys"] - known)
@@ -267,6 +280,8 @@ def summary(d: SafetyDictionary, path: str = "") -> str:
                      f"{e.gate_scale:>9.4g}{len(e.harmful):>9}  {tops}")
         if s.normalize != "none":
             lines.append(f"      input normalisation: {s.normalize}")
+        if e.image_gate_scale is not None:
+            lines.append(f"      per-image gate unit: {e.image_gate_scale:.4g}")
         scalars = {k: v for k, v in e.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         if scalars:  # per-category lists stay in the file's metadata; the summary shows the headline numbers
             lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -29,7 +29,9 @@ class BuildConfig:
     adapt: adapt_mod.AdaptConfig | None = field(default_factory=adapt_mod.AdaptConfig)  # None: no adaptation
     rescore: str | None = "union"  # re-score harmful latents on the target set: rescore | union | reselect | None
     routing: routing.RoutingConfig = field(default_factory=routing.RoutingConfig)
-    gate_quantile: float | None = 0.99  # gate unit: this quantile of harmful mass on safe source tokens (None: 1)
+    # gate units: this quantile of harmful mass on safe source tokens, and of its max over each safe source
+    # image's tokens (per prompt and step) for the per-image gate (None: 1 and no per-image unit)
+    gate_quantile: float | None = 0.99
     steering_defaults: dict = field(default_factory=lambda: {"blend": 1.0, "repel": 1.0, "threshold": 1.0})
 
 
@@ -69,8 +71,8 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
     d = load(adapted_path)
     if cfg.gate_quantile is not None:
         for p, e in d.entries.items():
-            e.gate_scale = gate_scale(store, p, e.steerer(), cfg.gate_quantile)
-            e.metrics["gate_scale"] = e.gate_scale
+            e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), cfg.gate_quantile)
+            e.metrics["gate_scale"], e.metrics["image_gate_scale"] = e.gate_scale, e.image_gate_scale
     d.steering_defaults = dict(cfg.steering_defaults)
     d.provenance = dict(d.provenance, **provenance, adapted=bool(adapted),
                         routing={"selected": selected, "best_fixed": report.best_fixed} if report else None)
@@ -82,15 +84,42 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
 
 
 @torch.no_grad()
-def gate_scale(store, p, steerer, quantile: float, max_batches: int = 64) -> float:
-    """The unit of the steering threshold at `p`: the `quantile` of harmful mass over safe source tokens,
-    so that τ = 1 leaves (1 − quantile) of safe tokens' harmful activity untouched."""
+def gate_units(store, p, steerer, quantile: float, max_batches: int = 64) -> tuple[float, float]:
+    """The units of the steering threshold at `p`, each the `quantile` of its gate's statistic over safe
+    source data, so that τ = 1 leaves (1 − quantile) of it untouched: (per token: the harmful mass of a token;
+    per image: the max of that mass over one prompt's stored tokens at one sampler step)."""
     safe = [i for i, r in enumerate(store.prompts) if r.domain == "source" and r.label == "safe"]
     unsafe = [i for i, r in enumerate(store.prompts) if r.domain == "source" and r.label == "unsafe"]
-    masses = {}
+    tokens, images = {}, {}
     for name, idx in (("safe", safe), ("unsafe", unsafe)):
-        chunks = [steerer.harmful_mass(b.x) for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=idx))]
-        masses[name] = torch.cat(chunks) if chunks else torch.zeros(0)
-    q = float(torch.quantile(masses["safe"].float(), quantile)) if masses["safe"].numel() else 0.0
-    floor = 1e-3 * float(masses["unsafe"].mean()) if masses["unsafe"].numel() else 0.0
+        mass, prompt, step = [], [], []
+        for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=idx)):
+            mass.append(steerer.harmful_mass(b.x).float())
+            prompt.append(b.prompt)
+            step.append(b.step)
+        tokens[name] = torch.cat(mass) if mass else torch.zeros(0)
+        images[name] = _image_max(tokens[name], torch.cat(prompt), torch.cat(step)) if mass else torch.zeros(0)
+    return _unit(tokens, quantile), _unit(images, quantile)
+
+
+def _image_max(mass, prompt, step):
+    """Max of `mass` per (prompt, step) group of rows."""
+    _, group = torch.unique(torch.stack([prompt.long(), step.long()], 1), dim=0, return_inverse=True)
+    out = torch.full((int(group.max()) + 1,), float("-inf"))
+    return out.scatter_reduce(0, group, mass, "amax")
+
+
+def _unit(values: dict, quantile: float) -> float:
+    q = float(torch.quantile(values["safe"], quantile)) if values["safe"].numel() else 0.0
+    floor = 1e-3 * float(values["unsafe"].mean()) if values["unsafe"].numel() else 0.0
     return max(q, floor, 1e-6)
+
+
+def gate_scale(store, p, steerer, quantile: float, max_batches: int = 64) -> float:
+    """The per-token gate's unit at `p` (`gate_units`)."""
+    return gate_units(store, p, steerer, quantile, max_batches)[0]
+
+
+def image_gate_scale(store, p, steerer, quantile: float, max_batches: int = 64) -> float:
+    """The per-image gate's unit at `p` (`gate_units`)."""
+    return gate_units(store, p, steerer, quantile, max_batches)[1]

@@ -9,6 +9,10 @@ FLUX single blocks carry one sequence `[txt | img | reference images]`; the spli
 `transformer_options["img_slice"]` (newer ComfyUI) or from `record_token_layout`, a diffusion-model
 wrapper that notes the text length and the number of output image tokens. Reference-image tokens
 (Kontext) are never steered.
+
+The per-image gate's decision (`gate.py`) travels between the blocks of one model call in
+`transformer_options[GATE]`, which ComfyUI builds afresh for every model call and hands to every block;
+each `steer_model` installation keeps its own entry there, so chained Apply Steering nodes decide apart.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import copy
 
 import torch
 
+from ...gate import CallDecision, GatePlan, steer_block
 from ...positions import Position
 from ...schedule import half_rows, in_window, schedule_progress, schedule_step
 from ...steering import PositionSteerer, SteeringConfig
 
 TOKEN_LAYOUT = "safedig_token_layout"  # transformer_options key: (text tokens, output image tokens)
 SCHEDULE = "safedig_schedule"  # transformer_options key: (sigmas, step, progress) of this model call
+GATE = "safedig_gate"  # transformer_options key: {SharedGate: CallDecision} of this model call
 WRAPPER_KEY = "safedig"
 
 
@@ -39,6 +45,20 @@ class SharedSteerers:
             else:
                 st.to(device=device_or_dtype)
         return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SharedGate:
+    """The gate plan of one `steer_model` installation, shared by its block patches and their clones; its
+    per-call decision is kept in the model call's `transformer_options` under this object."""
+
+    def __init__(self, plan: GatePlan):
+        self.plan = plan
+
+    def call(self, to: dict) -> CallDecision:
+        return to.setdefault(GATE, {}).setdefault(self, CallDecision())
 
     def __deepcopy__(self, memo):
         return self
@@ -68,40 +88,46 @@ class _BlockPatch:
 
 
 class BlockSteering(_BlockPatch):
-    """The `patches_replace["dit"]` entry for one block: runs the block, then steers its streams."""
+    """The `patches_replace["dit"]` entry for one block: runs the block, then steers its streams. `positions`:
+    those of this block that act or detect (`gate.plan`; default: all act, each deciding for itself)."""
 
-    def __init__(self, store: SharedSteerers, positions: list[Position], cfg: SteeringConfig, previous=None):
+    def __init__(self, store: SharedSteerers, positions: list[Position], cfg: SteeringConfig, previous=None,
+                 gate: SharedGate | None = None):
         slots = {p.slot for p in positions}
         if len(slots) != 1:
             raise ValueError(f"one BlockSteering serves one block, got {sorted(map(str, positions))}")
         self.store, self.positions, self.cfg, self.previous = store, positions, cfg, previous
+        self.gate = gate or SharedGate(GatePlan(tuple(positions)))
 
     def __call__(self, args: dict, extra: dict) -> dict:
         out = self.run_block(args, extra)
         to = args.get("transformer_options") or {}
-        if not in_window(progress_of(to), self.cfg):
+        if self.cfg.is_identity or not in_window(progress_of(to), self.cfg):
             return out
         out = dict(out)
+        spans, parts = {}, {}
         for p in self.positions:
             span = stream_span(p, out, to)
-            if span is not None:
-                key, start, stop = span
-                out[key] = self._steer_span(out[key], p, start, stop, to)
+            if span is not None and span[2] > span[1]:
+                key, start, stop = spans[p] = span
+                x = out[key]
+                parts[p] = x if (start, stop) == (0, x.shape[1]) else x[:, start:stop]
+        plan = self.gate.plan
+        steered = steer_block(parts, self.store.steerers, self.cfg, plan, self.gate.call(to) if plan.shared else None,
+                              lambda x: half_rows(x.shape[0], to.get("cond_or_uncond"), self.cfg.apply_to))
+        cloned = set()
+        for p, y in steered.items():
+            if y is parts[p]:
+                continue
+            key, start, stop = spans[p]
+            if (start, stop) == (0, out[key].shape[1]):
+                out[key] = y
+                continue
+            if key not in cloned:  # the block's own output stays as it was
+                out[key] = out[key].clone()
+                cloned.add(key)
+            out[key][:, start:stop] = y
         return out
-
-    def _steer_span(self, x, p: Position, start: int, stop: int, to):
-        if stop <= start:
-            return x
-        rows = half_rows(x.shape[0], to.get("cond_or_uncond"), self.cfg.apply_to)
-        part = x if (start, stop) == (0, x.shape[1]) else x[:, start:stop]
-        steered = self.store.steerers[p].steer(part, self.cfg, rows)
-        if steered is part:
-            return x
-        if part is x:
-            return steered
-        x = x.clone()
-        x[:, start:stop] = steered
-        return x
 
     def to(self, device_or_dtype):
         self.store.to(device_or_dtype)

@@ -144,10 +144,13 @@ def patched(model, positions, make, layout=None):
 
 
 def steer_model(model, store, positions, cfg, layout=None):
-    """A clone of `model` that steers at `positions` through `store`; the node and the CLI both come here."""
-    from .patches import BlockSteering
+    """A clone of `model` that steers at `positions` through `store`; the node and the CLI both come here.
+    With a per-image gate detecting elsewhere (`cfg.detect`), the detecting positions get patches too."""
+    from ...gate import plan
+    from .patches import BlockSteering, SharedGate
 
-    return patched(model, positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev), layout)
+    gate = SharedGate(plan(cfg, list(positions), sorted(store.steerers)))
+    return patched(model, gate.plan.positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev, gate), layout)
 
 
 def recording_model(model, positions, record, layout=None):

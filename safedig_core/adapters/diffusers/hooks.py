@@ -17,7 +17,8 @@ The image stream is every image token of the block, Kontext reference-image toke
 adapter leaves those out). Sampler window: a pre-hook on the transformer reads each call's `timestep`;
 with `schedule` (the pipeline's scheduler, read live, or a tensor of timesteps) the call is step i of n
 where i indexes the nearest schedule entry, and progress is i/n, the unit ComfyUI's window uses. Without
-a schedule (and without `set_progress`) every call is in the window, as in ComfyUI.
+a schedule (and without `set_progress`) every call is in the window, as in ComfyUI. The per-image gate's
+decision (`gate.py`) lives in the hooks' shared state, made afresh by that pre-hook for every call.
 
 Usage:
     with steer(pipe.transformer, "dict.safetensors", SteeringConfig(blend=1, repel=1), schedule=pipe.scheduler):
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ...formats.dictionary import SafetyDictionary, load
+from ...gate import CallDecision, plan, steer_block
 from ...positions import ModelLayout, Position, PositionError, for_layout, parse_list
 from ...schedule import half_rows, in_window
 from ...steering import SteeringConfig
@@ -83,6 +85,7 @@ class Hooks:
         self.progress: float | None = None
         self.timestep: float | None = None
         self.txt_len: int | None = None
+        self.decision = CallDecision()  # the per-image gate's decision within the current call
         self.handles.append(transformer.register_forward_pre_hook(self._before_call, with_kwargs=True))
 
     def set_progress(self, progress: float | None) -> None:
@@ -97,6 +100,7 @@ class Hooks:
         self.txt_len = None if enc is None else enc.shape[1]
         self.timestep = model_time(self.layout, kwargs.get("timestep", args[3] if len(args) > 3 else None))
         self.progress = self.manual if self.manual is not None else self._scheduled()
+        self.decision = CallDecision()
 
     def _scheduled(self) -> float | None:
         ts = getattr(self.schedule, "timesteps", self.schedule)
@@ -196,24 +200,26 @@ def steer(transformer, dictionary: SafetyDictionary | str | os.PathLike, cfg: St
     layout = layout_of(transformer)
     spec = positions if isinstance(positions, str) else ",".join(str(p) for p in positions)
     chosen = parse_list(spec, dictionary.positions)
-    dictionary.check_layout(layout, chosen, source=source)
+    gate = plan(cfg, chosen, dictionary.positions)
+    dictionary.check_layout(layout, gate.positions, source=source)
     if cfg.apply_to != "both" and halves is None:
         raise ValueError(f"apply_to={cfg.apply_to!r} needs the batch layout: pass halves=('uncond', 'cond') "
                          "for a pipeline that stacks the negative prompt first (diffusers' SD3 with guidance)")
-    steerers = {p: dictionary.entries[p].steerer() for p in chosen}
+    steerers = {p: dictionary.entries[p].steerer() for p in gate.positions}
     hooks: Hooks
 
     def on_streams(streams: dict, ps: list[Position]) -> dict:
         if cfg.is_identity or not in_window(hooks.progress, cfg):
             return streams
+        parts = {p: streams[p.stream] for p in ps if streams[p.stream] is not None and streams[p.stream].shape[1]}
+        steered = steer_block(parts, steerers, cfg, gate, hooks.decision,
+                              lambda x: half_rows(x.shape[0], hooks.halves, cfg.apply_to))
         streams = dict(streams)
-        for p in ps:
-            x = streams[p.stream]
-            if x is not None:
-                streams[p.stream] = steerers[p].steer(x, cfg, half_rows(x.shape[0], hooks.halves, cfg.apply_to))
+        for p, y in steered.items():
+            streams[p.stream] = y
         return streams
 
-    hooks = _install(transformer, layout, chosen, on_streams, schedule, halves)
+    hooks = _install(transformer, layout, gate.positions, on_streams, schedule, halves)
     return hooks
 
 

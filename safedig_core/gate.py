@@ -1,0 +1,116 @@
+"""The per-image gate across positions: which positions detect, and how one model call's decision reaches
+the blocks that act on it. Shared by every adapter (ComfyUI block patches, diffusers hooks).
+
+Under `SteeringConfig.gate == "image"` a batch row (one image of one cond/uncond half) is flagged when the
+max over its tokens of the harmful mass exceeds τ × the position's image unit (`PositionSteerer.
+flag_images`). With `detect="each"` every position decides for itself from its own tokens. Otherwise the
+detecting positions decide and every acting position of the same model call steers the rows they flagged:
+
+- blocks run in `Position.call_order` (FLUX: double blocks, then single blocks; SD3: joint blocks);
+- a block's detectors read its output before any of its positions is steered;
+- an acting position uses the union of the decisions made so far in this call (several detectors: a row
+  is flagged once any of them flags it). A position that runs before every detector would never see a
+  decision, so `plan` rejects it with a message saying so, rather than silently never steering it;
+- each model call decides afresh: the first detector in call order clears what an earlier call left.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from .positions import Position, parse_list
+from .steering import PositionSteerer, SteeringConfig
+
+STREAM_OF = {"text": "txt", "img": "img"}
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """Acting positions, and the detecting ones (empty: each position decides for itself, or the per-token
+    gate), in call order."""
+    acting: tuple[Position, ...]
+    detectors: tuple[Position, ...] = ()
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.detectors)
+
+    @property
+    def positions(self) -> list[Position]:
+        """Every position a runtime must see: acting and detecting."""
+        return sorted(set(self.acting) | set(self.detectors))
+
+
+def plan(cfg: SteeringConfig, acting: list[Position], available: list[Position]) -> GatePlan:
+    """Resolve `cfg.detect` against the steered positions (`acting`) and the dictionary's (`available`)."""
+    acting = tuple(acting)
+    spec = cfg.detect.strip().lower()
+    if not cfg.image_gate or spec == "each":
+        return GatePlan(acting)
+    if spec in STREAM_OF:
+        found = [p for p in acting if p.stream == STREAM_OF[spec]]
+        if not found:
+            names = ", ".join(map(str, acting)) or "none"
+            raise ValueError(f"detect={cfg.detect!r}: none of the steered positions ({names}) is a {spec} position; "
+                             f"steer at one (or name it in detect), or let each position decide for itself")
+    else:
+        found = parse_list(cfg.detect, available)
+    found = sorted(found, key=lambda p: (p.call_order, p.stream))
+    first = found[0].call_order
+    early = [p for p in acting if p.call_order < first]
+    if early:
+        raise ValueError(f"position {early[0]} runs before every detecting position ({', '.join(map(str, found))}) "
+                         "in a model call, so it would never see a decision: detect at an earlier position, or "
+                         "leave it out of the steered positions")
+    return GatePlan(acting, tuple(found))
+
+
+class CallDecision:
+    """The rows flagged in one model call, per detecting position."""
+
+    def __init__(self):
+        self.flags: dict[Position, Tensor] = {}
+
+    def add(self, p: Position, flags: Tensor) -> None:
+        self.flags[p] = flags
+
+    def rows(self) -> Tensor | None:
+        """Union of the decisions so far ([B] bool), None before any detector has run."""
+        out = None
+        for f in self.flags.values():
+            out = f if out is None else out | f
+        return out
+
+
+def steer_block(parts: dict[Position, Tensor], steerers: dict[Position, PositionSteerer], cfg: SteeringConfig,
+                gate: GatePlan, call: CallDecision | None, rows_of: Callable[[Tensor], Tensor | None]
+                ) -> dict[Position, Tensor]:
+    """Steer the streams of one block. `parts`: the block's token streams [B, T, d] by position (acting and
+    detecting ones); `call`: this model call's decision (needed when `gate.shared`); `rows_of(x)`: the batch
+    rows that apply_to allows (None: all). Returns the acting positions' tensors (the same object where
+    nothing changed)."""
+    flagged = None
+    if gate.shared:
+        for p in gate.detectors:
+            if p in parts:
+                if p == gate.detectors[0]:
+                    call.flags.clear()
+                call.add(p, steerers[p].flag_images(parts[p], cfg))
+        flagged = call.rows()
+    out = {}
+    for p, x in parts.items():
+        if p not in gate.acting:
+            continue
+        rows = rows_of(x)
+        if not gate.shared:
+            out[p] = steerers[p].steer(x, cfg, rows)
+        elif flagged is None or not bool(flagged.any()):
+            out[p] = x
+        elif flagged.shape[0] != x.shape[0]:
+            raise ValueError(f"position {p}: a batch of {x.shape[0]} rows, but the detecting positions of this "
+                             f"model call decided for {flagged.shape[0]}")
+        else:
+            out[p] = steerers[p].steer(x, cfg, rows, flagged=flagged)
+    return out
