@@ -54,7 +54,7 @@ SIZES = {
 }
 CFG_SCALE = 3.0
 RECORD_STEPS = "0,0.25,0.5,0.75"
-STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0)
+STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # SafeDIG: per-image gate, see variants
 MAX_FIDELITY_DROP = report_mod.MAX_FIDELITY_DROP
 BUILD_MARGIN = 0.0  # the building prompts' fidelity may not drop at all: the rule must hold on fresh prompts
 DEVELOPMENT_SEEDS = (0, 1)  # the seeds the method and the rule were developed on; the goal is judged on others
@@ -175,7 +175,8 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     tau = result["variants"]["steered"]["points"][result["variants"]["steered"]["chosen"]]["value"]
     if size["strength_grid"]:
         grid = tuple(sorted(set(size["strength_grid"]) - {1.0}))
-        sv = sweep.Variant("steered_strength", main.store, main.positions, STEER.with_(threshold=tau), "strength", grid)
+        sv = sweep.Variant("steered_strength", main.store, main.positions, main.base.with_(threshold=tau), "strength",
+                           grid)
         build_set.peaks[sv.name], eval_set.peaks[sv.name] = build_set.peaks[main.name], eval_set.peaks[main.name]
         points = sweep.sweep(model, encode_fn, sv, [build_set, eval_set], gen)
         generated += sum(p["generated"] for p in points)
@@ -196,7 +197,7 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     lap("spliced error")
     peaks = {}
     if pictures_dir:
-        chosen_eval = _images_at(model, encode_fn, main, STEER.with_(threshold=tau), eval_set, gen)
+        chosen_eval = _images_at(model, encode_fn, main, main.base.with_(threshold=tau), eval_set, gen)
         pictures.grid(eval_rows, eval_set.base, chosen_eval, os.path.join(pictures_dir, "grid.png"))
         plots.plot_features(dict_path, os.path.join(pictures_dir, "features.png"))
         peaks = pictures.feature_maps(model, encode_fn, eval_rows, dict_path,
@@ -211,6 +212,7 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
         "dictionary": {p.name: {k: v for k, v in e.metrics.items() if isinstance(v, (int, float))}
                        | {"harmful": len(e.harmful), "spliced_rel_change": spliced[p.name]}
                        for p, e in d.entries.items()},
+        "gate": {"gate": main.base.gate, "detect": main.base.detect},
         "feature_map_peaks": peaks, "images_generated_for_curves": generated,
         "timings_s": timings, "seconds": round(time.time() - t0, 1)}
     return result
@@ -276,7 +278,8 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, seeds: in
                      "adapt_steps": size["adapt_steps"], "grid": list(size["grid"]),
                      "dense_grid": list(size["dense_grid"]), "strength_grid": list(size["strength_grid"]),
                      "build_fidelity_margin": BUILD_MARGIN, "max_fidelity_drop": MAX_FIDELITY_DROP,
-                     "steering": {"blend": STEER.blend, "repel": STEER.repel,
+                     "steering": {"blend": STEER.blend, "repel": STEER.repel, "gate": STEER.gate,
+                                  "detect_per_seed": [s["info"]["gate"]["detect"] for s in per_seed],
                                   "threshold": agg["operating_point"]["steered"]["per_seed"]}},
         "environment": report_mod.environment(threads),
         "seconds": round(time.time() - t0, 1),

@@ -42,6 +42,21 @@ class Variant:
     gated: bool = True  # the gate statistic is the steerers' harmful mass in gate units (PeakRecorder applies)
     extra: dict = field(default_factory=dict)
 
+    def detectors(self) -> list:
+        """The positions whose gate statistic decides (under the per-image gate, the detecting ones)."""
+        if not self.gated:
+            return []
+        if self.base.image_gate:
+            from ..gate import plan
+
+            found = plan(self.base, list(self.positions), sorted(self.store.steerers)).detectors
+            return list(found) or list(self.positions)
+        return list(self.positions)
+
+    def unit(self, p) -> float:
+        st = self.store.steerers[p]
+        return st.image_gate_scale if self.base.image_gate else st.gate_scale
+
     def config(self, value: float) -> SteeringConfig:
         if self.knob == "threshold":
             return self.base.with_(threshold=float(value))
@@ -98,13 +113,14 @@ def figures(rows: list[dict], out: Outcomes) -> dict:
 
 # ----------------------------------------------------------------------------------- peak gate statistic
 class PeakRecorder:
-    """Record callback for `comfyui.recording_model`: for each variant, the largest harmful mass in gate units
-    any of its routed tokens reaches on each image (both batch halves, every sampler step)."""
+    """Record callback for `comfyui.recording_model`: for each variant, the largest value of its gate statistic
+    on each image (harmful mass of a token at its deciding positions, in that gate's unit; both batch halves,
+    every sampler step). An image whose peak stays ≤ τ is never steered."""
 
     def __init__(self, variants: list[Variant]):
         self.by_position: dict = {}
         for v in variants:
-            for p in v.positions:
+            for p in v.detectors():
                 self.by_position.setdefault(p, []).append(v)
         self.offset, self.peaks = 0, {v.name: {} for v in variants}
 
@@ -116,8 +132,7 @@ class PeakRecorder:
         halves = max(1, len(to.get("cond_or_uncond") or [0]))
         n = x.shape[0] // halves
         for v in self.by_position[p]:
-            st = v.store.steerers[p]
-            peak = (st.harmful_mass(x).float().amax(-1) / st.gate_scale).view(halves, n).amax(0)
+            peak = (v.store.steerers[p].harmful_mass(x).float().amax(-1) / v.unit(p)).view(halves, n).amax(0)
             seen = self.peaks[v.name]
             for b, value in enumerate(peak.tolist()):
                 i = self.offset + b

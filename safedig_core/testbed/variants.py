@@ -14,14 +14,14 @@ from ..adapters.comfy.patches import SharedSteerers
 from ..evaluation.baselines import DiffMeansSteerer, WordFilter
 from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
 from ..formats.store import ActivationStore
-from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
+from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_units
 from ..pipeline.harmful import find_harmful
 from ..pipeline.train import TrainConfig, train_sae
 from ..positions import parse
 from ..steering import SteeringConfig
 from .sweep import Variant
 
-ABLATIONS = ("fixed_layer", "no_adaptation", "full_retrain", "blend_only", "repel_only", "dense_diff_means",
+ABLATIONS = ("token_gate", "fixed_layer", "no_adaptation", "full_retrain", "blend_only", "repel_only", "dense_diff_means",
              "word_filter")
 
 
@@ -50,10 +50,21 @@ def calibrated(store: ActivationStore, path: str) -> str:
     """A copy of dictionary `path` whose gate unit is set by the same rule as `safedig build`'s."""
     d = load(path)
     for p, e in d.entries.items():
-        e.gate_scale = gate_scale(store, p, e.steerer(), BuildConfig().gate_quantile)
+        e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), BuildConfig().gate_quantile)
     out = os.path.splitext(path)[0] + ".gated.safetensors"
     save(d, out)
     return out
+
+
+def with_detector(cfg: SteeringConfig, positions: list) -> SteeringConfig:
+    """Under the per-image gate, decide at the earliest routed text position (text positions separate risk
+    best, issue 13's prototype) when no steered position runs before it; else each position decides itself."""
+    if not cfg.image_gate:
+        return cfg
+    text = sorted((p for p in positions if p.stream == "txt"), key=lambda p: p.call_order)
+    if text and not any(p.call_order < text[0].call_order for p in positions):
+        return cfg.with_(detect=text[0].name)
+    return cfg.with_(detect="each")
 
 
 def word_filter(build_rows: list[dict]) -> WordFilter:
@@ -81,8 +92,12 @@ def make(store: ActivationStore, dict_path: str, summary: dict, work: str, tcfg,
         dense[p] = DiffMeansSteerer.from_batches(store.iter_batches(p, 4096, prompts=src),
                                                  lambda i: store.prompts[i].label == "unsafe")
     main = dictionary_store(dict_path)
-    gated = lambda name, st, cfg: Variant(name, st[0], st[1], cfg, "threshold", grid)  # noqa: E731
+
+    def gated(name, st, cfg):
+        return Variant(name, st[0], st[1], with_detector(cfg, st[1]), "threshold", grid)
+
     return [gated("steered", main, steer),
+            gated("token_gate", main, steer.with_(gate="token", detect="each")),
             gated("fixed_layer", fixed, steer),
             gated("no_adaptation", source, steer),
             gated("full_retrain", retrain, steer),
