@@ -45,11 +45,11 @@ SIZES = {
              "calibration": {"safe": 32, "source_per_concept": 4, "target_per_concept": 3},
              "seeds": 3, "steps": 12, "train_steps": 800, "adapt_steps": 300, "batch": 1024, "budget": 24,
              "grid": (2.0, 1.5, 1.0, 0.75, 0.5), "dense_grid": (0.25, 0.5, 1.0), "strength_grid": (0.5, 2.0)},
-    "quick": {"sets": {"build_safe": 32, "build_source_per_category": 16, "build_target_per_category": 6,
-                       "build_target_safe": 6, "eval_safe": 12, "eval_per_category": 6,
-                       "eval_target_per_category": 6},
-              "calibration": {"safe": 16, "source_per_concept": 2, "target_per_concept": 1},
-              "seeds": 1, "steps": 12, "train_steps": 300, "adapt_steps": 100, "batch": 512, "budget": 16,
+    "quick": {"sets": {"build_safe": 24, "build_source_per_category": 10, "build_target_per_category": 4,
+                       "build_target_safe": 4, "eval_safe": 12, "eval_per_category": 4,
+                       "eval_target_per_category": 4},
+              "calibration": {"safe": 12, "source_per_concept": 2, "target_per_concept": 1},
+              "seeds": 1, "steps": 10, "train_steps": 300, "adapt_steps": 100, "batch": 512, "budget": 16,
               "grid": (1.5, 1.0, 0.5), "dense_grid": (0.5, 1.0), "strength_grid": ()},
 }
 CFG_SCALE = 3.0
@@ -286,6 +286,7 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, seeds: in
     }
     write_text(os.path.join(out_dir, "report.json"), json.dumps(rep, indent=1, default=float))
     plots.plot_curves(rep, os.path.join(out_dir, "curves.png"))
+    write_text(os.path.join(out_dir, "table.md"), report_mod.markdown(rep) + "\n")
     log(report_mod.table(res, agg["intervals"], names))
     log(f"routed (first seed): {', '.join(rep['routing']['selected'])}; fixed layer: {rep['routing']['best_fixed']}; "
         f"seeds {rep['seeds']}; {rep['seconds']:.0f} s")

@@ -197,3 +197,30 @@ def table(results: dict, intervals: dict, names: list[str]) -> str:
     for name in ("unsteered", *names, "word_filter"):
         lines.append(f"{name:<18}" + "".join(cell(name, f) for f in FIGURES))
     return "\n".join(lines)
+
+
+_ROW_NAMES = {"unsteered": "unsteered", "steered": "**SafeDIG** (routed, adapted, Blend + Repel, per-image gate)",
+              "token_gate": "per-token gate (the gate before issue 13)", "fixed_layer": "fixed layer (best separability)",
+              "no_adaptation": "no adaptation (source decoders)", "full_retrain": "full SAE retrain on the target set",
+              "blend_only": "Blend only", "repel_only": "Repel only",
+              "dense_diff_means": "dense difference of means (same positions)", "word_filter": "prompt word filter"}
+
+
+def markdown(rep: dict) -> str:
+    """The README's table: mean [95 % interval over seeds] of each figure at each variant's operating point."""
+    def cell(name, f):
+        s = rep["intervals"][name][f]
+        if s["mean"] is None:
+            return "–"
+        lo, hi = s["seeds95"]
+        return f"{s['mean']:.3f} [{max(lo, 0):.2f}, {min(hi, 1):.2f}]" if len(s["per_seed"]) > 1 else f"{s['mean']:.3f}"
+
+    op = rep.get("operating_point", {})
+    lines = ["| variant | operating point (per seed) | UR source | UR target | UR overall | safe fidelity | safe Δ |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("unsteered", *[n for n in _ROW_NAMES if n in rep["intervals"] and n not in ("unsteered", "word_filter")],
+                 "word_filter"):
+        point = op.get(name, {})
+        where = f"{'τ' if point.get('knob') == 'threshold' else 'strength'} {point['per_seed']}" if point else "–"
+        lines.append(f"| {_ROW_NAMES.get(name, name)} | {where} | " + " | ".join(cell(name, f) for f in FIGURES) + " |")
+    return "\n".join(lines)
