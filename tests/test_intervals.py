@@ -3,7 +3,8 @@ operating point (testbed/sweep.choose)."""
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safedig_core.evaluation.intervals import bootstrap_interval, seed_interval, summary, t975
 from safedig_core.testbed import sweep

@@ -35,7 +35,9 @@ from ..pipeline.collect import collect
 from ..pipeline.metrics import splice, spliced_error
 from ..pipeline.train import TrainConfig
 from ..steering import SteeringConfig
-from . import pictures, report as report_mod, sweep, variants as variants_mod, world
+from . import pictures, sweep, world
+from . import report as report_mod
+from . import variants as variants_mod
 from .model import generate, load_testbed
 
 SIZES = {
