@@ -33,3 +33,15 @@ def test_steering_overhead_quick(tmp_path):
     result = json.loads(out.read_text())
     assert result["sparse_decode"] and len(result["configs"]) == 4
     assert all(c["ratio"] > 0 and c["ms"] > 0 for c in result["configs"])
+
+
+def test_sae_training_benchmark_quick(tmp_path):
+    """benchmarks/sae_training.py runs both trainers on the same batches and prints the two ratios."""
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "sae_training.py"), "--quick",
+                          "--json", str(out)], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"^tokens/s   SafeDIG \d+   sparsify \d+   ratio \d+\.\d\d", run.stdout, re.MULTILINE), run.stdout
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 256 * 20 and all(v > 0 for v in result["tokens_per_s"].values())
+    assert all(0 < v < float("inf") for v in result["heldout_fvu"].values())

@@ -1,5 +1,6 @@
-"""Collection on several processes (torchrun, gloo on CPU): the store is byte for byte the one a single process
-writes, and a run whose rank was killed resumes, with any number of processes, to the same bytes."""
+"""Building on several processes (torchrun, gloo on CPU): collection writes byte for byte the store a single
+process writes, a run whose rank was killed resumes, with any number of processes, to the same bytes, and
+`build` (positions dealt over the ranks for training and adaptation) writes the single-process dictionary."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,16 @@ import sys
 import time
 
 import pytest
+import torch
 
 from safedig_core.pipeline.distributed import SINGLE, Ranks, from_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-PROMPTS = "\n".join(["prompt,label,category,domain"] + [f"a picture number {i},{'unsafe' if i % 2 else 'safe'},"
-                                                          f"{'violence' if i % 2 else ''},source" for i in range(10)])
+CATEGORY = {1: "violence", 3: "fire"}
+PROMPTS = "\n".join(["prompt,label,category,domain"] + [
+    f"a picture number {i},{'unsafe' if i % 2 else 'safe'},{CATEGORY.get(i % 4, '')},{'target' if i >= 12 else 'source'}"
+    for i in range(16)])
 ARGS = ["collect", "--tiny", "flux", "--steps", "2", "--record-steps", "0,1", "--token-budget", "4",
         "--prompts-per-shard", "2", "--positions", "double.0.img,single.0.txt"]
 
@@ -41,7 +45,10 @@ def _env():
 def _collect(tmp_path, out, nproc: int, wait: bool = True):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text(PROMPTS)
-    cli = ARGS + ["--prompts", str(prompts), "--out", str(out)]
+    return _run(tmp_path, ARGS + ["--prompts", str(prompts), "--out", str(out)], nproc, wait)
+
+
+def _run(tmp_path, cli: list[str], nproc: int, wait: bool = True):
     if nproc == 1:
         cmd = [sys.executable, "-m", "safedig_core", *cli]
     else:
@@ -87,7 +94,33 @@ def test_a_killed_rank_resumes_to_the_same_store(single, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     done = sorted(n for n in os.listdir(store) if n.startswith("shard-"))
-    assert 0 < len(done) < 5, f"the kill should land mid-run (shards then: {done})"
+    assert 0 < len(done) < 8, f"the kill should land mid-run (shards then: {done})"
     _collect(tmp_path, store, 1)  # any number of processes resumes it; one here
     assert _files(store) == single
     shutil.rmtree(store)
+
+
+BUILD = ["--top", "2", "--expansion", "2", "-k", "4", "--steps", "30", "--adapt-steps", "10", "--batch-size", "32"]
+
+
+@pytest.mark.slow
+def test_two_ranks_build_the_single_process_dictionary(single, tmp_path):
+    from safedig_core.formats.dictionary import load
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for name, data in single.items():
+        (store / name).write_bytes(data)
+    out = {}
+    for nproc in (1, 2):
+        path = tmp_path / f"d{nproc}.safetensors"
+        _run(tmp_path, ["build", str(store), "--out", str(path), "--work", str(tmp_path / f"w{nproc}"), *BUILD], nproc)
+        out[nproc] = load(str(path))
+    one, two = out[1], out[2]
+    assert one.positions == two.positions and len(one.positions) == 2
+    for p in one.positions:
+        a, b = one.entries[p], two.entries[p]
+        assert a.harmful == b.harmful and a.gate_scale == pytest.approx(b.gate_scale, rel=1e-6)
+        for name, t in a.sae.state_dict().items():
+            assert torch.allclose(t, b.sae.state_dict()[name], atol=1e-6), (p, name)
+    assert one.provenance["adapted"] == two.provenance["adapted"]

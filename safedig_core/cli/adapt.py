@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..formats.dictionary import read_metadata
+from ..pipeline import distributed
 from ..pipeline.adapt import RESCORE_MODES, AdaptConfig, adapt_store
 from ..positions import parse, parse_list
 from .common import StopFlag, open_store
@@ -37,10 +38,13 @@ def run(args) -> None:
     cfg = AdaptConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, anchor=args.anchor,
                       replay=args.replay, retention=(args.retention or None) if args.replay else None,
                       train_bias=not args.fixed_bias, seed=args.seed, eval_batches=args.eval_batches or None)
+    ranks = distributed.from_env(args.device)
     with StopFlag() as stop:
         report = adapt_store(args.dictionary, store, args.out, positions, cfg,
                              rescore=None if args.rescore == "none" else args.rescore, device=args.device,
-                             should_stop=stop)
+                             should_stop=stop, ranks=ranks)
+    if not ranks.main:
+        return
     for name, m in report.items():
         line = f"{name}: target FVU {m['target_fvu_before']:.4f} -> {m['target_fvu_after']:.4f}"
         if "source_fvu_before" in m:

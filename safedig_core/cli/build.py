@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..formats import dictionary
+from ..pipeline import distributed
 from ..pipeline.adapt import AdaptConfig
 from ..pipeline.build import BuildConfig, build
 from ..pipeline.train import TrainConfig
@@ -14,8 +15,12 @@ def run(args) -> None:
                                         seed=args.seed),
                       adapt=None if args.no_adapt else AdaptConfig(steps=args.adapt_steps, batch_size=args.batch_size,
                                                                    seed=args.seed))
+    ranks = distributed.from_env(args.device)
     with StopFlag() as stop:
-        summary = build(open_store(args.store), args.out, cfg, args.work, device=args.device, should_stop=stop)
+        summary = build(open_store(args.store), args.out, cfg, args.work, device=args.device, should_stop=stop,
+                        ranks=ranks)
+    if not ranks.main:
+        return
     print(dictionary.summary(dictionary.load(args.out), args.out))
     print(f"routed positions: {', '.join(summary['positions'])}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from ..pipeline import distributed
 from ..pipeline.harmful import HarmfulConfig
 from ..pipeline.train import TrainConfig, train_store
 from ..positions import parse_list
@@ -42,11 +43,14 @@ def run(args) -> None:
                       dead_tokens=args.dead_tokens or TrainConfig.dead_tokens,
                       checkpoint_every=args.checkpoint_every, seed=args.seed)
     hcfg = HarmfulConfig(threshold=args.harmful_threshold, max_latents=args.max_harmful)
+    ranks = distributed.from_env(args.device)
     with StopFlag() as stop:
         report = train_store(store, args.out, positions, cfg, hcfg, dictionary_path=args.dictionary,
                              resume=not args.fresh, device=args.device, eval_batches=args.eval_batches,
-                             should_stop=stop, auto_dead_tokens=args.dead_tokens is None,
+                             should_stop=stop, ranks=ranks, auto_dead_tokens=args.dead_tokens is None,
                              provenance={"made_by": "safedig train", "store": os.path.abspath(args.store)})
+    if not ranks.main:
+        return
     for name, m in report.items():
         print(f"{name}: FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.3f}, {m['harmful']} harmful latents")
     print(f"wrote {args.dictionary or os.path.join(args.out, 'dictionary.safetensors')}")

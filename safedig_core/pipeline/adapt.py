@@ -27,8 +27,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from ..sae import SparseAutoencoder
 from . import harmful as harmful_mod
 from .data import Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
 from .decoder import decode_scaled, normalize_decoder, remove_parallel_grad
+from .distributed import SINGLE, Ranks
 from .metrics import sae_quality
 from .progress import tqdm_progress
 
@@ -296,10 +298,12 @@ def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, har
 def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list | None = None,
                 cfg: AdaptConfig | None = None, *, rescore: str | None = None,
                 harmful_cfg: harmful_mod.HarmfulConfig | None = None, device: Any = None, progress: bool = True,
-                should_stop: Callable[[], bool] | None = None) -> dict:
+                should_stop: Callable[[], bool] | None = None, ranks: Ranks = SINGLE) -> dict:
     """Adapt every (chosen) position of a dictionary on the store's target-domain rows, replaying its
     source-domain rows; write the dictionary to `out_path` after each position (unadapted positions are
-    copied as they were; provenance lists the adapted ones). Returns {position name: metrics}."""
+    copied as they were; provenance lists the adapted ones). Returns {position name: metrics}. With several
+    `ranks` each adapts the positions dealt to it (`<out_path>.<position>.entry.safetensors`) and rank 0 writes
+    the whole dictionary."""
     from ..formats.dictionary import DictionaryError, load, save
 
     cfg = cfg or AdaptConfig()
@@ -319,7 +323,9 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
         if store.width(p) != d.entries[p].sae.d:
             raise AdaptError(f"position {p}: width {store.width(p)} in the store but {d.entries[p].sae.d} in the dictionary")
     adapted, report = [], {}
-    for p in positions:
+    for j, p in enumerate(positions):
+        if not ranks.owns(j):
+            continue
         e = d.entries[p]
         cb = tqdm_progress(f"adapt {p}", cfg.steps) if progress else None
         try:
@@ -341,8 +347,27 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
         e.metrics = {**e.metrics, **metrics}
         adapted.append(str(p))
         report[str(p)] = metrics
-        d.provenance = {**d.provenance, "adapted": ",".join(adapted)}
-        save(d, out_path)
+        if ranks.world > 1:
+            save(replace(d, entries={p: e}, provenance={"adapt_metrics": json.dumps(metrics)}), _entry_path(out_path, p))
+        else:
+            d.provenance = {**d.provenance, "adapted": ",".join(adapted)}
+            save(d, out_path)
+    if ranks.world > 1:
+        ranks.barrier()
+        for j, p in enumerate(positions):
+            if not ranks.owns(j):
+                part = load(_entry_path(out_path, p))
+                d.entries[p] = part.entries[p]
+                report[str(p)] = json.loads(part.provenance["adapt_metrics"])
+        report = {str(p): report[str(p)] for p in positions}
+        d.provenance = {**d.provenance, "adapted": ",".join(report)}
+        if ranks.main:
+            save(d, out_path)
+        ranks.barrier()
     return report
+
+
+def _entry_path(out_path: str, p) -> str:
+    return f"{os.path.splitext(out_path)[0]}.{p}.entry.safetensors"
 
 

@@ -17,6 +17,7 @@ from ..formats.dictionary import load, save
 from ..positions import parse
 from . import adapt as adapt_mod
 from . import routing, train
+from .distributed import SINGLE, Ranks
 
 SOURCE_DICTIONARY = "source_dictionary.safetensors"  # in the work folder: the dictionary before adaptation
 
@@ -36,9 +37,11 @@ class BuildConfig:
 
 
 def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | None = None,
-          progress: bool = True, should_stop=None, device=None) -> dict:
+          progress: bool = True, should_stop=None, device=None, ranks: Ranks = SINGLE) -> dict:
     """Build `out_path` from `store`; returns a summary (routing, per-position training and adaptation
-    metrics). `should_stop()` interrupts between and inside stages (KeyboardInterrupt)."""
+    metrics). `should_stop()` interrupts between and inside stages (KeyboardInterrupt). With several `ranks`
+    (torchrun) every rank routes (the same result), training and adaptation deal the positions over the ranks,
+    and rank 0 writes the files."""
     cfg = cfg or BuildConfig()
     work_dir = work_dir or os.path.splitext(out_path)[0] + ".work"
     os.makedirs(work_dir, exist_ok=True)
@@ -48,7 +51,8 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
         report = None
     else:
         report = routing.route(store, cfg.top_k, cfg.routing)
-        report.save(work_dir)
+        if ranks.main:
+            report.save(work_dir)
         selected = report.selected
     positions = [parse(n) for n in selected]
 
@@ -57,17 +61,22 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
                   "positions": selected}
     trained = train.train_store(store, os.path.join(work_dir, "train"), positions, cfg.train,
                                 dictionary_path=source_dict, device=device, progress=progress,
-                                should_stop=should_stop, provenance=provenance, auto_dead_tokens=True)
+                                should_stop=should_stop, provenance=provenance, auto_dead_tokens=True, ranks=ranks)
     has_target = any(getattr(r, "domain", "source") == "target" for r in store.prompts)
     adapted = {}
     if cfg.adapt is not None and has_target:
         adapted_path = os.path.join(work_dir, "adapted_dictionary.safetensors")
         adapted = adapt_mod.adapt_store(source_dict, store, adapted_path, positions, cfg.adapt,
                                         rescore=cfg.rescore, device=device, progress=progress,
-                                        should_stop=should_stop)
+                                        should_stop=should_stop, ranks=ranks)
     else:
         adapted_path = source_dict
 
+    summary = {"dictionary": out_path, "positions": selected, "trained": trained, "adapted": adapted,
+               "routing": json.loads(report.to_json()) if report else None}
+    if not ranks.main:
+        ranks.barrier()  # rank 0 writes the dictionary
+        return summary
     d = load(adapted_path)
     if cfg.gate_quantile is not None:
         for p, e in d.entries.items():
@@ -77,9 +86,8 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
     d.provenance = dict(d.provenance, **provenance, adapted=bool(adapted),
                         routing={"selected": selected, "best_fixed": report.best_fixed} if report else None)
     save(d, out_path)
-    summary = {"dictionary": out_path, "positions": selected, "trained": trained, "adapted": adapted,
-               "routing": json.loads(report.to_json()) if report else None}
     write_text(os.path.join(work_dir, "build.json"), json.dumps(summary, indent=1, default=float))
+    ranks.barrier()
     return summary
 
 

@@ -47,6 +47,7 @@ from . import harmful as harmful_mod
 from .checkpoint import load_optimizer, read_checkpoint, write_checkpoint
 from .data import Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
 from .decoder import decode_scaled, normalize_decoder, remove_parallel_grad
+from .distributed import SINGLE, Ranks
 from .metrics import sae_quality
 from .progress import tqdm_progress
 
@@ -335,14 +336,16 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
                 harmful_cfg: Any = None, *, dictionary_path: str | None = None, resume: bool = True,
                 device: Any = None, eval_batches: int | None = 32, progress: bool = True,
                 should_stop: Callable[[], bool] | None = None, provenance: dict | None = None,
-                auto_dead_tokens: bool = False) -> dict:
+                auto_dead_tokens: bool = False, ranks: Ranks = SINGLE) -> dict:
     """Train one SAE per position of an activation store on its source-domain rows, score harmful
     latents, and write the (partial, after every position) dictionary file. Checkpoints and logs go to
     `out_dir/<position>.ckpt.safetensors` / `.log.jsonl`. Returns {position name: metrics}.
     Raises KeyboardInterrupt when `should_stop` stopped a run (its checkpoint and the dictionary of the
     finished positions are written first). `auto_dead_tokens` caps `cfg.dead_tokens` at half the
-    position's rows, so that small stores still see AuxK at work."""
-    from ..formats.dictionary import DictionaryEntry, SafetyDictionary, save
+    position's rows, so that small stores still see AuxK at work. With several `ranks` (torchrun) each trains
+    the positions dealt to it, leaves its entries in `out_dir/<position>.entry.safetensors`, and rank 0 writes
+    the dictionary of all of them, the same file one process writes."""
+    from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
 
     cfg = cfg or TrainConfig()
     positions = list(positions if positions is not None else store.positions)
@@ -354,7 +357,9 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
     dictionary_path = dictionary_path or os.path.join(out_dir, "dictionary.safetensors")
     os.makedirs(out_dir, exist_ok=True)
     entries, report = {}, {}
-    for p in positions:
+    for j, p in enumerate(positions):
+        if not ranks.owns(j):
+            continue
         base = os.path.join(out_dir, str(p))
         pcfg = cfg
         if auto_dead_tokens and hasattr(store, "rows"):
@@ -368,7 +373,7 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
             if cb is not None:
                 cb.close()
         if res.stopped:
-            if entries:
+            if entries and ranks.world == 1:
                 save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=True)), dictionary_path)
             raise KeyboardInterrupt
         sae = res.sae
@@ -380,8 +385,23 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
                    "train_tokens": res.metrics.get("tokens", 0), **hs.metadata()}
         entries[p] = DictionaryEntry(p, sae.cpu().requires_grad_(False), hs.indices, hs.scores, hs.safe_values, metrics)
         report[str(p)] = dict(metrics, harmful=len(hs.indices))
-        partial = len(entries) < len(positions)
-        save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=partial)), dictionary_path)
+        if ranks.world > 1:
+            save(SafetyDictionary(store.family, {p: entries[p]}, {}, {}), base + ".entry.safetensors")
+        else:
+            partial = len(entries) < len(positions)
+            save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=partial)), dictionary_path)
+    if ranks.world > 1:
+        ranks.barrier()
+        for j, p in enumerate(positions):
+            if not ranks.owns(j):
+                e = load(os.path.join(out_dir, f"{p}.entry.safetensors")).entries[p]
+                entries[p] = e
+                report[str(p)] = dict(e.metrics, harmful=len(e.harmful))
+        entries = {p: entries[p] for p in positions}
+        report = {str(p): report[str(p)] for p in positions}
+        if ranks.main:
+            save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=False)), dictionary_path)
+        ranks.barrier()
     return report
 
 
