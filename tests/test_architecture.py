@@ -158,7 +158,7 @@ def test_every_part_has_a_docstring_saying_what_lives_there():
         assert doc, f"{os.path.relpath(path, REPO)} has no module docstring"
 
 
-NO_COMFY = [CORE, f"{CORE}.positions", f"{CORE}.sae", f"{CORE}.steering", f"{CORE}.schedule", f"{CORE}.formats",
+NO_COMFY = [CORE, f"{CORE}.positions", f"{CORE}.sae", f"{CORE}.steering", f"{CORE}.gate", f"{CORE}.schedule", f"{CORE}.formats",
             f"{CORE}.pipeline", f"{CORE}.convert", f"{CORE}.evaluation", f"{CORE}.testbed", f"{CORE}.cli"]
 
 
