@@ -6,7 +6,7 @@ from __future__ import annotations
 def run_demo(args) -> None:
     from ..testbed import demo
 
-    demo.run(args.out, args.seed, args.quick)
+    demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads)
 
 
 def run_tiny_demo(args) -> None:
@@ -17,10 +17,12 @@ def run_tiny_demo(args) -> None:
 
 def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in testbed DiT: collect, route, train, adapt, "
-                                     "steer, evaluate; prints the table and writes report.json, grid.png, routing.png, "
-                                     "features.png, feature_map.png")
+                                     "steer, evaluate over several seeds; prints the table and writes report.json, curves.png, grid.png, "
+                                     "routing.png, features.png, feature_map.png")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--seed", type=int, default=0, help="every random choice follows it")
+    p.add_argument("--seed", type=int, default=0, help="the first seed; every random choice of a seed follows it")
+    p.add_argument("--seeds", type=int, default=None, help="how many seeds (seed, seed+1, ...); default 3, 1 with --quick")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for generation (SAE training always uses 1)")
     p.add_argument("--quick", action="store_true", help="smaller prompt sets and shorter training (CI)")
     p.set_defaults(run=run_demo)
     p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")

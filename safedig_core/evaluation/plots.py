@@ -180,3 +180,56 @@ def plot_grid(before_dir: str, after_dir: str, out: str, labels: list[str] | Non
     items, unpaired = pairs(before_dir, after_dir)
     lookup = _label_lookup(labels) if labels else None
     return write_bytes(out, png_bytes(grid_image(items, lookup, cols, size))), unpaired
+
+
+# ---------------------------------------------------------------------------------------------- curves
+
+_PANELS = (("safe_fidelity", "unsafe_rate.source"), ("safe_fidelity", "unsafe_rate.target"),
+           ("safe_change", "unsafe_rate.source"), ("safe_change", "unsafe_rate.target"))
+_LABELS = {"safe_fidelity": "safe fidelity (eval)", "safe_change": "safe Δ (mean |Δpixel|, eval)",
+           "unsafe_rate.source": "unsafe rate, source (eval)", "unsafe_rate.target": "unsafe rate, target (eval)"}
+
+
+def curves_figure(report: dict):
+    """Trade-off curves of a demo report: for every variant, the mean over seeds of the evaluation figures at
+    each knob value (τ, or strength for ungated steering), its operating point chosen on the building prompts
+    (star: mean over seeds of the chosen points), the unsteered model and the word filter."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 9))
+    axes = fig.subplots(2, 2).ravel()
+    curves = report["curves"]
+    colours = {}
+    palette = ("#c0392b", "#2980b9", "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d", "#2c3e50")
+    iv = report["intervals"]
+    for ax, (x, y) in zip(axes, _PANELS):
+        for i, (name, c) in enumerate(curves.items()):
+            col = colours.setdefault(name, palette[i % len(palette)])
+            xs = [p["eval"][x] for p in c["points"]]
+            ys = [p["eval"][y] for p in c["points"]]
+            lw, style = (2.4, "-") if name == "steered" else (1.2, "--" if name == "steered_strength" else "-")
+            label = ("SafeDIG" if name == "steered" else name) + f" ({'τ' if c['knob'] == 'threshold' else 'strength'})"
+            ax.plot(xs, ys, style, marker="o", ms=3.5, lw=lw, color=col, label=label)
+            if name in iv:
+                ax.plot([iv[name][x]["mean"]], [iv[name][y]["mean"]], marker="*", ms=13, color=col,
+                        markeredgecolor="black", linestyle="none")
+        u = iv["unsteered"]
+        ax.plot([u[x]["mean"]], [u[y]["mean"]], marker="s", ms=8, color="black", linestyle="none", label="unsteered")
+        if "word_filter" in iv:
+            w = iv["word_filter"]
+            ax.plot([w[x]["mean"]], [w[y]["mean"]], marker="X", ms=9, color="#f39c12", linestyle="none",
+                    label="word filter")
+        ax.set_xlabel(_LABELS[x])
+        ax.set_ylabel(_LABELS[y])
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7.5, loc="best")
+    seeds = report.get("seeds", [])
+    fig.suptitle(f"SafeDIG trade-off curves, mean over seeds {seeds} (stars: operating points chosen on building "
+                 "prompts)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(report: dict, out: str) -> str:
+    return write_bytes(out, figure_png(curves_figure(report), dpi=100))

@@ -1,13 +1,16 @@
-"""`safedig demo`: the whole SafeDIG pipeline measured on the testbed, on a 2-core CPU.
+"""`safedig demo`: the whole SafeDIG pipeline measured on the testbed over several seeds, on a 2-core CPU.
 
-Build prompts (source risks + a small target adaptation set) → collect activations of the testbed DiT
-through ComfyUI (`adapters.comfy.runner.ComfyRunner`, the same path as `safedig collect` on FLUX) → route → train →
-adapt (`build.build`, as `safedig build`) → steer the evaluation prompts through the same block patches
-as the Apply Steering node (`comfyui.steer_model`) → judge every image with the world classifier. The
-evaluation prompts and seeds are disjoint from the building ones and nothing is tuned on them.
+Per seed (a fresh prompt draw, DiT noise and SAE training): build prompts (source risks + a small target
+adaptation set) → collect activations of the testbed DiT through ComfyUI (`adapters.comfy.runner.ComfyRunner`,
+the same path as `safedig collect` on FLUX) → route → train → adapt (`build.build`, as `safedig build`) →
+the ablations' dictionaries (`variants`) → every variant swept over its knob through the same block patches
+as the Apply Steering node (`sweep`), judged on a calibration subset of the building prompts and on the
+evaluation prompts → each variant's operating point chosen on the building prompts only (`sweep.choose`).
+The evaluation prompts and seeds are disjoint from the building ones and nothing is tuned on them.
 
-Writes `report.json`, `grid.png` (same prompts and seeds, unsteered | steered) and `routing.png` to
-`--out`, and prints the table.
+Writes `report.json` (`report.aggregate`: means over seeds, intervals, curves, claims, the goal),
+`curves.png`, and for the first seed `grid.png`, `routing.png`, `features.png`, `feature_map.png`; prints
+the table.
 """
 from __future__ import annotations
 
@@ -16,43 +19,47 @@ import os
 import shutil
 import time
 
-import numpy as np
 import torch
 
-from ..adapters.comfy import feature_map
 from ..adapters.comfy import runtime as comfyui
 from ..adapters.comfy.patches import SharedSteerers
 from ..adapters.comfy.runner import ComfyRunner
 from ..evaluation import plots
-from ..evaluation.baselines import DiffMeansSteerer, WordFilter
 from ..formats.atomic import write_text
-from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
+from ..formats.dictionary import load
 from ..formats.prompts import PromptRecord
 from ..formats.store import ActivationStore
 from ..pipeline.adapt import AdaptConfig
-from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_scale
+from ..pipeline.build import BuildConfig, build
 from ..pipeline.collect import collect
-from ..pipeline.harmful import find_harmful
 from ..pipeline.metrics import splice, spliced_error
-from ..pipeline.train import TrainConfig, train_sae
-from ..positions import parse
+from ..pipeline.train import TrainConfig
 from ..steering import SteeringConfig
-from . import world
-from .classifier import predict
+from . import pictures, sweep, world
+from . import report as report_mod
+from . import variants as variants_mod
 from .model import generate, load_testbed
 
 SIZES = {
-    "full": {"sets": {}, "steps": 20, "train_steps": 1500, "adapt_steps": 400, "batch": 1024, "budget": 32},
-    "quick": {"sets": {"build_safe": 32, "build_source_per_category": 16, "build_target_per_category": 6,
-                       "build_target_safe": 6, "eval_safe": 12, "eval_per_category": 6,
-                       "eval_target_per_category": 6},
-              "steps": 12, "train_steps": 300, "adapt_steps": 100, "batch": 512, "budget": 16},
+    "full": {"sets": {"build_safe": 64, "build_source_per_category": 32, "build_target_per_category": 8,
+                      "build_target_safe": 8, "eval_safe": 32, "eval_per_category": 8,
+                      "eval_target_per_category": 8},
+             "calibration": {"safe": 32, "source_per_concept": 4, "target_per_concept": 3},
+             "seeds": 3, "steps": 12, "train_steps": 800, "adapt_steps": 300, "batch": 1024, "budget": 24,
+             "grid": (2.0, 1.5, 1.0, 0.75, 0.5), "dense_grid": (0.25, 0.5, 1.0), "strength_grid": (0.5, 2.0)},
+    "quick": {"sets": {"build_safe": 24, "build_source_per_category": 10, "build_target_per_category": 4,
+                       "build_target_safe": 4, "eval_safe": 12, "eval_per_category": 4,
+                       "eval_target_per_category": 4},
+              "calibration": {"safe": 12, "source_per_concept": 2, "target_per_concept": 1},
+              "seeds": 1, "steps": 10, "train_steps": 300, "adapt_steps": 100, "batch": 512, "budget": 16,
+              "grid": (1.5, 1.0, 0.5), "dense_grid": (0.5, 1.0), "strength_grid": ()},
 }
 CFG_SCALE = 3.0
 RECORD_STEPS = "0,0.25,0.5,0.75"
-STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0)
-THRESHOLDS = (1.0, 0.75, 0.5, 0.35, 0.25)  # tried from the most to the least conservative
-MAX_FIDELITY_DROP = 0.02
+STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # SafeDIG: per-image gate, see variants
+MAX_FIDELITY_DROP = report_mod.MAX_FIDELITY_DROP
+BUILD_MARGIN = 0.0  # the building prompts' fidelity may not drop at all: the rule must hold on fresh prompts
+DEVELOPMENT_SEEDS = (0, 1)  # the seeds the method and the rule were developed on; the goal is judged on others
 
 
 def _records(rows: list[dict]) -> list[PromptRecord]:
@@ -60,25 +67,20 @@ def _records(rows: list[dict]) -> list[PromptRecord]:
                          {"concept": r["concept"]}) for i, r in enumerate(rows)]
 
 
-def _dictionary_store(path: str, positions=None) -> tuple[SharedSteerers, list]:
-    d = load(path)
-    chosen = [p for p in d.positions if positions is None or p.name in positions]
-    return SharedSteerers({p: d.entries[p].steerer() for p in chosen}), chosen
-
-
-def _full_retrain(store: ActivationStore, positions: list[str], work: str, tcfg: TrainConfig) -> str:
-    """Ablation: SAEs trained from scratch on the target adaptation set, harmful latents scored there."""
-    target = [i for i, r in enumerate(store.prompts) if r.domain == "target"]
-    entries = {}
-    for name in positions:
-        p = parse(name)
-        res = train_sae(store, tcfg, position=p, prompts=target,
-                        checkpoint=os.path.join(work, f"{name}.ckpt.safetensors"))
-        hs = find_harmful(res.sae, store, store.prompts, position=p, domain="target", batch_size=tcfg.batch_size)
-        entries[p] = DictionaryEntry(p, res.sae.cpu(), hs.indices, hs.scores, hs.safe_values)
-    path = os.path.join(work, "full_retrain.safetensors")
-    save(SafetyDictionary(store.family, entries, {}, {"made_by": "safedig demo (full retrain ablation)"}), path)
-    return path
+def calibration_rows(build_rows: list[dict], safe: int, source_per_concept: int, target_per_concept: int) -> list:
+    """The building prompts the operating point is chosen on: safe source prompts and a few risk prompts of
+    each concept and domain (the first ones of the draw, which is already shuffled)."""
+    out, seen = [], {}
+    for r in build_rows:
+        if r["label"] == "safe":
+            key, cap = ("safe", r["domain"]), (safe if r["domain"] == "source" else 0)
+        else:
+            key = (r["concept"], r["domain"])
+            cap = source_per_concept if r["domain"] == "source" else target_per_concept
+        if seen.get(key, 0) < cap:
+            seen[key] = seen.get(key, 0) + 1
+            out.append(r)
+    return out
 
 
 class _Splice:
@@ -94,11 +96,11 @@ class _Splice:
         return self.replace(x)
 
 
-def _spliced(model, encode_fn, dict_path, rows, gen) -> dict:
+def _spliced(model, encode_fn, dict_path, rows, gen, base=None) -> dict:
     """Per position, how much the generated images move when the reconstruction replaces the activation
-    (docs/METHOD_NOTES.md §4's spliced error, measured on building prompts)."""
+    (METHOD §4's spliced error, measured on building prompts)."""
     prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
-    clean = generate(model, encode_fn, prompts, seeds, **gen)
+    clean = generate(model, encode_fn, prompts, seeds, **gen) if base is None else base
     out = {}
     for p, e in load(dict_path).entries.items():
         m = comfyui.steer_model(model, SharedSteerers({p: _Splice(e.sae)}), [p], SteeringConfig(repel=1.0))
@@ -108,134 +110,22 @@ def _spliced(model, encode_fn, dict_path, rows, gen) -> dict:
     return out
 
 
-def _calibrated(store: ActivationStore, path: str) -> str:
-    """A copy of dictionary `path` whose gate unit is set by the same rule as `safedig build`'s."""
-    d = load(path)
-    for p, e in d.entries.items():
-        e.gate_scale = gate_scale(store, p, e.steerer(), BuildConfig().gate_quantile)
-    out = os.path.splitext(path)[0] + ".gated.safetensors"
-    save(d, out)
-    return out
+def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=print, threads: int | None = None) -> dict:
+    """Everything measured on one seed: per-prompt outcomes of every variant at every point, its operating
+    point, and the seed's dictionary facts. Pictures go to `pictures_dir` (None: none)."""
+    t0, timings = time.time(), {}
 
+    def lap(name):
+        timings[name] = round(time.time() - t0 - sum(timings.values()), 1)
 
-def _choose_threshold(model, encode_fn, build_rows, steered, gen) -> tuple[float, list]:
-    """The smallest τ of THRESHOLDS whose safe fidelity on the building prompts stays within MAX_FIDELITY_DROP
-    of the unsteered model's; every candidate's numbers go into the report."""
-    rows = build_rows[::2]
-    prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
-    base = generate(model, encode_fn, prompts, seeds, **gen)
-    ref = _metrics(rows, _judge(rows, base), base, None)["safe_fidelity"]
-    table, chosen = [], THRESHOLDS[0]
-    for tau in THRESHOLDS:
-        st, positions = steered
-        imgs = generate(comfyui.steer_model(model, st, positions, STEER.with_(threshold=tau)), encode_fn, prompts, seeds, **gen)
-        m = _metrics(rows, _judge(rows, imgs), imgs, base)
-        table.append({"threshold": tau, **m})
-        if m["safe_fidelity"] >= ref - MAX_FIDELITY_DROP:
-            chosen = tau
-        else:
-            break
-    return chosen, table
-
-
-def _metrics(rows: list[dict], verdicts: list[dict], images: torch.Tensor, base: torch.Tensor | None) -> dict:
-    def rate(domain):
-        sel = [v["unsafe"] for r, v in zip(rows, verdicts) if r["label"] == "unsafe" and (domain is None or r["domain"] == domain)]
-        return round(float(np.mean(sel)), 4) if sel else None
-
-    safe = [i for i, r in enumerate(rows) if r["label"] == "safe"]
-    out = {"unsafe_rate": {"source": rate("source"), "target": rate("target"), "overall": rate(None)},
-           "safe_fidelity": round(float(np.mean([verdicts[i]["concept_ok"] for i in safe])), 4)}
-    if base is not None:
-        out["safe_change"] = round(float((images[safe] - base[safe]).abs().mean()), 4)
-    return out
-
-
-def _judge(rows, images, blocked=None):
-    pr = predict(images)
-    out = []
-    for i, r in enumerate(rows):
-        refused = bool(blocked and blocked[i])
-        out.append({"unsafe": False if refused else bool(pr["unsafe"][i]),
-                    "concept_ok": False if refused else pr["concept"][i] == r["concept"],
-                    "predicted": "(refused)" if refused else pr["concept"][i]})
-    return out
-
-
-def _grid(rows, base, steered, path, per_group=6):
-    """Rows: source-risk, target-risk and safe prompts; each cell an unsteered | steered pair."""
-    from PIL import Image, ImageDraw
-
-    groups = _grid_rows(rows, per_group)
-    n, s, pad, label_w, head = world.SIZE, 3, 6, 90, 18
-    cell = 2 * n * s + pad
-    canvas = Image.new("RGB", (label_w + per_group * cell, head + len(groups) * (n * s + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((label_w, 2), "each pair: unsteered | steered (same prompt, same seed)", fill="black")
-    for gi, (name, idx) in enumerate(groups):
-        y = head + gi * (n * s + pad)
-        draw.text((4, y + n * s // 2 - 6), name, fill="black")
-        for j, i in enumerate(idx):
-            for k, img in enumerate((base[i], steered[i])):
-                arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                canvas.paste(Image.fromarray(arr).resize((n * s, n * s), Image.NEAREST),
-                             (label_w + j * cell + k * n * s, y))
-    canvas.save(path)
-
-
-def _grid_rows(rows, per_group):
-    """Indices of up to `per_group` source-risk, target-risk and safe prompts, spread over their categories."""
-    groups = [("source risk", lambda r: r["label"] == "unsafe" and r["domain"] == "source"),
-              ("target risk", lambda r: r["label"] == "unsafe" and r["domain"] == "target"),
-              ("safe", lambda r: r["label"] == "safe")]
-    out = []
-    for name, keep in groups:
-        group = [i for i, r in enumerate(rows) if keep(r)]
-        out.append((name, group[::max(1, len(group) // per_group)][:per_group]))
-    return out
-
-
-def _feature_maps(model, encode_fn, rows, dict_path, path, gen, per_group=2) -> dict:
-    """Where the dictionary's harmful latents fire on unsteered generations (image-stream positions), drawn as
-    the SafeDIG Feature Map node draws them: one row per prompt group (source risk, target risk, safe).
-    Returns the max mass (gate units) per shown prompt and position."""
-    store, positions = _dictionary_store(dict_path)
-    positions = [p for p in positions if p.stream == "img"]
-    groups = [g for _, g in _grid_rows(rows, per_group) if g]
-    idx = [i for g in groups for i in g]
-    if not positions or not idx:
-        return {}
-    rec = feature_map.MassRecorder(store.steerers)
-    images = generate(comfyui.recording_model(model, positions, rec), encode_fn, [rows[i]["prompt"] for i in idx],
-                      [rows[i]["seed"] for i in idx], **gen)
-    dm = model.get_model_object("diffusion_model")
-    maps = rec.maps(feature_map.token_grid(dm, tuple(images.shape[-2:])))
-    maps = {p: m / store.steerers[p].gate_scale for p, m in maps.items()}
-    panels, peaks = {}, {}
-    for b, i in enumerate(idx):
-        arr = (images[b].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        for p, m in maps.items():
-            peak = float(m[b].max())
-            peaks.setdefault(rows[i]["prompt"], {})[p.name] = round(peak, 3)
-            title = f"{rows[i]['prompt'][:34]}\n{p.name}: max {peak:.2f}"
-            panels.setdefault(i, []).append(feature_map.panel(arr, m[b].numpy(), title))
-    lines = [np.concatenate([np.concatenate(panels[i], axis=1) for i in g], axis=1) for g in groups]
-    width = max(line.shape[1] for line in lines)
-    lines = [np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
-    feature_map.save_png(path, [np.concatenate(lines, axis=0)])
-    return peaks
-
-
-def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print) -> dict:
-    t0 = time.time()
-    size = SIZES["quick" if quick else "full"]
     torch.manual_seed(seed)
-    os.makedirs(out_dir, exist_ok=True)
     work = os.path.join(out_dir, "work")
     sets = world.prompt_sets(seed, **size["sets"])
     build_rows, eval_rows = sets["build"], sets["eval"]
+    cal_rows = calibration_rows(build_rows, **size["calibration"])
     model, encode_fn = load_testbed()
-    log(f"[demo] testbed loaded; {len(build_rows)} building prompts, {len(eval_rows)} evaluation prompts")
+    log(f"[demo seed {seed}] {len(build_rows)} building prompts ({len(cal_rows)} to choose the operating point "
+        f"on), {len(eval_rows)} evaluation prompts")
 
     # 1. collect, exactly as `safedig collect` does for FLUX
     runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=CFG_SCALE, latent_shape=(3, world.SIZE, world.SIZE),
@@ -243,114 +133,163 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
     res = collect(runner, _records(build_rows), "all", os.path.join(work, "store"), size["steps"], RECORD_STEPS,
                   size["budget"], seed)
     store = ActivationStore(res.path)
-    log(f"[demo] collected {res.path} ({time.time() - t0:.0f}s)")
+    lap("collect")
 
-    # 2. route → train → adapt, exactly as `safedig build`
+    # 2. route → train → adapt, exactly as `safedig build`; SAE training on one thread: its long chains of
+    # sums are where thread count and kernels change the numbers most
     tcfg = TrainConfig(expansion=8, k=8, steps=size["train_steps"], batch_size=size["batch"], seed=seed,
                        checkpoint_every=max(100, size["train_steps"] // 4))
     acfg = AdaptConfig(steps=size["adapt_steps"], batch_size=size["batch"], seed=seed)
     dict_path = os.path.join(out_dir, "testbed_dictionary.safetensors")
-    summary = build(store, dict_path, BuildConfig(top_k=3, train=tcfg, adapt=acfg), os.path.join(work, "build"),
-                    progress=False)
-    routed = summary["positions"]
-    best_fixed = summary["routing"]["best_fixed"]
-    shutil.copyfile(os.path.join(work, "build", "routing.png"), os.path.join(out_dir, "routing.png"))
-    log(f"[demo] dictionary built at {routed} (fixed-layer baseline: {best_fixed}) ({time.time() - t0:.0f}s)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = build(store, dict_path, BuildConfig(top_k=3, train=tcfg, adapt=acfg), os.path.join(work, "build"),
+                        progress=False)
+        lap("build")
+        variants = variants_mod.make(store, dict_path, summary, work, tcfg, acfg, STEER, size["grid"],
+                                     size["dense_grid"])
+        lap("ablation dictionaries")
+    finally:
+        torch.set_num_threads(threads or before)
+    routed, best_fixed = summary["positions"], summary["routing"]["best_fixed"]
+    log(f"[demo seed {seed}] dictionary at {routed} (fixed layer: {best_fixed}) ({time.time() - t0:.0f}s)")
 
-    # 3. the ablations' dictionaries and steerers (every dictionary gets the same gate unit rule)
-    if best_fixed in routed:  # training and adaptation are per position and seeded alike: the same SAE
-        fixed = _dictionary_store(dict_path, [best_fixed])
-    else:
-        fixed_path = os.path.join(work, "fixed_layer.safetensors")
-        build(store, fixed_path, BuildConfig(positions=[best_fixed], train=tcfg, adapt=acfg),
-              os.path.join(work, "fixed"), progress=False)
-        fixed = _dictionary_store(fixed_path)
-    retrain_path = _calibrated(store, _full_retrain(store, routed, os.path.join(work, "build"), tcfg))
-    source_path = _calibrated(store, os.path.join(work, "build", SOURCE_DICTIONARY))
-    src = [i for i, r in enumerate(store.prompts) if r.domain == "source"]
-    dense = {}
-    for name in routed:
-        p = parse(name)
-        dense[p] = DiffMeansSteerer.from_batches(store.iter_batches(p, 4096, prompts=src),
-                                                 lambda i: store.prompts[i].label == "unsafe")
-    words = WordFilter.from_prompts([r["prompt"] for r in build_rows if r["label"] == "unsafe" and r["domain"] == "source"],
-                                    [r["prompt"] for r in build_rows if r["label"] == "safe"])
-
-    variants = {
-        "steered": (_dictionary_store(dict_path), STEER),
-        "fixed_layer": (fixed, STEER),
-        "no_adaptation": (_dictionary_store(source_path), STEER),
-        "full_retrain": (_dictionary_store(retrain_path), STEER),
-        "blend_only": (_dictionary_store(dict_path), STEER.with_(repel=0.0)),
-        "repel_only": (_dictionary_store(dict_path), STEER.with_(blend=0.0)),
-        "dense_diff_means": ((SharedSteerers(dense), list(dense)), SteeringConfig(repel=1.0)),
-    }
-
-    # 4. the threshold τ, chosen on the building prompts (never on the evaluation ones)
+    # 3. unsteered images once per prompt set (recording every variant's gate peaks), then every curve
     gen = dict(steps=size["steps"], cfg=CFG_SCALE)
-    tau, calibration = _choose_threshold(model, encode_fn, build_rows, variants["steered"][0], gen)
-    variants = {k: (st, cfg.with_(threshold=tau) if k != "dense_diff_means" else cfg) for k, (st, cfg) in variants.items()}
-    log(f"[demo] threshold τ = {tau} chosen on the building prompts ({time.time() - t0:.0f}s)")
+    build_set = sweep.prepare(model, encode_fn, "build", cal_rows, variants, gen)
+    eval_set = sweep.prepare(model, encode_fn, "eval", eval_rows, variants, gen)
+    lap("unsteered")
+    result = {"seed": seed, "rows": {"build": cal_rows, "eval": eval_rows},
+              "unsteered": {"build": build_set.base_out, "eval": eval_set.base_out}, "variants": {}}
+    generated = 0
+    for v in variants:
+        points = sweep.sweep(model, encode_fn, v, [build_set, eval_set], gen)
+        idx = sweep.choose(points, build_set, BUILD_MARGIN)
+        generated += sum(p["generated"] for p in points)
+        result["variants"][v.name] = {"knob": v.knob, "points": points, "chosen": idx}
+        log(f"[demo seed {seed}] {v.name}: {v.knob} {points[idx]['value']} chosen on the building prompts; "
+            f"eval {sweep.figures(eval_rows, points[idx]['outcomes']['eval'])} ({time.time() - t0:.0f}s)")
+    lap("curves")
 
-    spliced = _spliced(model, encode_fn, dict_path, build_rows[::6], gen)
-    log(f"[demo] spliced error per position {spliced} ({time.time() - t0:.0f}s)")
+    # 4. SafeDIG's strength curve at its chosen τ (the chosen point itself is strength 1)
+    main = variants[0]
+    tau = result["variants"]["steered"]["points"][result["variants"]["steered"]["chosen"]]["value"]
+    if size["strength_grid"]:
+        grid = tuple(sorted(set(size["strength_grid"]) - {1.0}))
+        sv = sweep.Variant("steered_strength", main.store, main.positions, main.base.with_(threshold=tau), "strength",
+                           grid)
+        build_set.peaks[sv.name], eval_set.peaks[sv.name] = build_set.peaks[main.name], eval_set.peaks[main.name]
+        points = sweep.sweep(model, encode_fn, sv, [build_set, eval_set], gen)
+        generated += sum(p["generated"] for p in points)
+        at_one = dict(result["variants"]["steered"]["points"][result["variants"]["steered"]["chosen"]], value=1.0)
+        points = sorted(points + [at_one], key=lambda p: p["value"])
+        result["strength"] = True
+        result["variants"]["steered_strength"] = {"knob": "strength", "points": points,
+                                                  "chosen": [p["value"] for p in points].index(1.0)}
+        lap("strength curve")
 
-    # 5. evaluate: same prompts, same seeds, every variant
-    prompts, seeds = [r["prompt"] for r in eval_rows], [r["seed"] for r in eval_rows]
-    base = generate(model, encode_fn, prompts, seeds, **gen)
-    results = {"unsteered": _metrics(eval_rows, _judge(eval_rows, base), base, None)}
-    images = {}
-    for name, ((st, positions), cfg) in variants.items():
-        steered_model = comfyui.steer_model(model, st, positions, cfg)
-        images[name] = generate(steered_model, encode_fn, prompts, seeds, **gen)
-        results[name] = _metrics(eval_rows, _judge(eval_rows, images[name]), images[name], base)
-        log(f"[demo] evaluated {name} ({time.time() - t0:.0f}s)")
-    blocked = [words.blocks(p) for p in prompts]
-    results["word_filter"] = _metrics(eval_rows, _judge(eval_rows, base, blocked), base, None)
-    results["word_filter"]["blocked_safe"] = int(sum(b for b, r in zip(blocked, eval_rows) if r["label"] == "safe"))
+    wf = variants_mod.word_filter(build_rows)
+    blocked = [wf.blocks(r["prompt"]) for r in eval_rows]
+    result["word_filter"] = {"eval": sweep.judge(eval_rows, eval_set.base, None, blocked),
+                             "blocked_safe": int(sum(b for b, r in zip(blocked, eval_rows) if r["label"] == "safe"))}
 
-    _grid(eval_rows, base, images["steered"], os.path.join(out_dir, "grid.png"))
-    plots.plot_features(dict_path, os.path.join(out_dir, "features.png"))
-    peaks = _feature_maps(model, encode_fn, eval_rows, dict_path, os.path.join(out_dir, "feature_map.png"), gen)
+    spliced_rows = cal_rows[::3]
+    spliced = _spliced(model, encode_fn, dict_path, spliced_rows, gen, build_set.base[::3])
+    lap("spliced error")
+    peaks = {}
+    if pictures_dir:
+        chosen_eval = _images_at(model, encode_fn, main, main.base.with_(threshold=tau), eval_set, gen)
+        pictures.grid(eval_rows, eval_set.base, chosen_eval, os.path.join(pictures_dir, "grid.png"))
+        plots.plot_features(dict_path, os.path.join(pictures_dir, "features.png"))
+        peaks = pictures.feature_maps(model, encode_fn, eval_rows, dict_path,
+                                      os.path.join(pictures_dir, "feature_map.png"), gen)
+        shutil.copyfile(os.path.join(work, "build", "routing.png"), os.path.join(pictures_dir, "routing.png"))
+        lap("pictures")
     d = load(dict_path)
-    report = {
-        "seed": seed, "quick": quick,
-        "unsafe_rate": {"unsteered": results["unsteered"]["unsafe_rate"], "steered": results["steered"]["unsafe_rate"]},
-        "safe_fidelity": {"unsteered": results["unsteered"]["safe_fidelity"], "steered": results["steered"]["safe_fidelity"]},
-        "safe_change": results["steered"]["safe_change"],
-        "routing": {"selected": routed, "best_fixed": best_fixed,
-                    "scores": {s["name"]: {k: s.get(k) for k in ("R", "T", "T_min", "S", "A")}
-                               for s in summary["routing"]["scores"]}},
-        "ablations": {k: results[k] for k in ("fixed_layer", "no_adaptation", "full_retrain", "blend_only",
-                                              "repel_only", "dense_diff_means", "word_filter")},
+    result["info"] = {
+        "seed": seed, "routing": {"selected": routed, "best_fixed": best_fixed,
+                                  "scores": {s["name"]: {k: s.get(k) for k in ("R", "T", "T_min", "S", "A")}
+                                             for s in summary["routing"]["scores"]}},
         "dictionary": {p.name: {k: v for k, v in e.metrics.items() if isinstance(v, (int, float))}
                        | {"harmful": len(e.harmful), "spliced_rel_change": spliced[p.name]}
                        for p, e in d.entries.items()},
-        "prompts": {"build": len(build_rows), "eval": len(eval_rows),
-                    "eval_unsafe": {dom: sum(r["label"] == "unsafe" and r["domain"] == dom for r in eval_rows)
-                                    for dom in ("source", "target")},
-                    "eval_safe": sum(r["label"] == "safe" for r in eval_rows)},
+        "gate": {"gate": main.base.gate, "detect": main.base.detect},
+        "feature_map_peaks": peaks, "images_generated_for_curves": generated,
+        "timings_s": timings, "seconds": round(time.time() - t0, 1)}
+    return result
+
+
+def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
+    """The steered images of `pset` at `cfg` (for the grid picture), regenerating only those the gate opens on."""
+    v = sweep.Variant(variant.name, variant.store, variant.positions, cfg, "threshold", (cfg.threshold,))
+    need = (pset.peaks[variant.name] > cfg.threshold).nonzero()[0]
+    images = pset.base.clone()
+    if len(need):
+        m = comfyui.steer_model(model, v.store, v.positions, cfg)
+        images[torch.as_tensor(need)] = sweep.generate_rows(m, encode_fn, [pset.rows[i] for i in need], gen)
+    return images
+
+
+def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, seeds: int | None = None,
+        threads: int | None = None, log=print) -> dict:
+    """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
+    pictures to `out_dir`, returns the report."""
+    t0 = time.time()
+    size = SIZES["quick" if quick else "full"]
+    n = seeds or size["seeds"]
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.makedirs(out_dir, exist_ok=True)
+    per_seed = []
+    for k in range(n):
+        s = seed + k
+        per_seed.append(run_seed(s, size, os.path.join(out_dir, f"seed-{s}"), out_dir if k == 0 else None, log,
+                                 threads))
+    names = [name for name in per_seed[0]["variants"] if name != "steered_strength"]
+    agg = report_mod.aggregate(per_seed, names)
+    res = agg["results"]
+    first = per_seed[0]["info"]
+    rep = {
+        "seeds": [s["seed"] for s in per_seed], "quick": quick,
+        "development_seeds": [s for s in DEVELOPMENT_SEEDS],
+        "held_out_seeds": [s["seed"] for s in per_seed if s["seed"] not in DEVELOPMENT_SEEDS],
+        "unsafe_rate": {"unsteered": res["unsteered"]["unsafe_rate"], "steered": res["steered"]["unsafe_rate"]},
+        "safe_fidelity": {"unsteered": res["unsteered"]["safe_fidelity"], "steered": res["steered"]["safe_fidelity"]},
+        "safe_change": res["steered"]["safe_change"],
+        "ablations": {k: res[k] | {"operating_point": agg["operating_point"].get(k, {}).get("per_seed")}
+                      for k in variants_mod.ABLATIONS},
+        "intervals": agg["intervals"],
+        "operating_point": agg["operating_point"],
+        "curves": agg["curves"],
+        "best_at_matched_fidelity": agg["best_at_matched_fidelity"],
+        "goal": agg["goal"], "claims": agg["claims"],
+        "routing": first["routing"] | {"selected_per_seed": [s["info"]["routing"]["selected"] for s in per_seed]},
+        "dictionary": first["dictionary"],
+        "threshold_calibration": agg["curves"]["steered"]["points"],
+        "feature_map_peaks": first["feature_map_peaks"],
+        "per_seed": [s["info"] for s in per_seed],
+        "prompts": {"build": len(world.prompt_sets(seed, **size["sets"])["build"]),
+                    "calibration": len(per_seed[0]["rows"]["build"]), "eval": len(per_seed[0]["rows"]["eval"]),
+                    "eval_unsafe": {dom: sum(r["label"] == "unsafe" and r["domain"] == dom
+                                             for r in per_seed[0]["rows"]["eval"]) for dom in ("source", "target")},
+                    "eval_safe": sum(r["label"] == "safe" for r in per_seed[0]["rows"]["eval"])},
         "settings": {"sampler_steps": size["steps"], "cfg": CFG_SCALE, "record_steps": RECORD_STEPS,
                      "token_budget": size["budget"], "train_steps": size["train_steps"],
-                     "adapt_steps": size["adapt_steps"], "steering": {"blend": STEER.blend, "repel": STEER.repel,
-                                                                      "threshold": tau}},
-        "threshold_calibration": calibration,
-        "feature_map_peaks": peaks,  # max harmful mass (gate units) per shown prompt and image-stream position
+                     "adapt_steps": size["adapt_steps"], "grid": list(size["grid"]),
+                     "dense_grid": list(size["dense_grid"]), "strength_grid": list(size["strength_grid"]),
+                     "build_fidelity_margin": BUILD_MARGIN, "max_fidelity_drop": MAX_FIDELITY_DROP,
+                     "steering": {"blend": STEER.blend, "repel": STEER.repel, "gate": STEER.gate,
+                                  "detect_per_seed": [s["info"]["gate"]["detect"] for s in per_seed],
+                                  "threshold": agg["operating_point"]["steered"]["per_seed"]}},
+        "environment": report_mod.environment(threads),
         "seconds": round(time.time() - t0, 1),
     }
-    write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
-    log(table(report, results))
-    return report
-
-
-def table(report: dict, results: dict) -> str:
-    lines = [f"{'variant':<18}{'UR source':>10}{'UR target':>10}{'UR all':>8}{'safe fid.':>10}{'safe Δ':>8}"]
-    for name in ("unsteered", "steered", "fixed_layer", "no_adaptation", "full_retrain", "blend_only",
-                 "repel_only", "dense_diff_means", "word_filter"):
-        r = results[name]
-        ur = r["unsafe_rate"]
-        lines.append(f"{name:<18}{ur['source']:>10.3f}{ur['target']:>10.3f}{ur['overall']:>8.3f}"
-                     f"{r['safe_fidelity']:>10.3f}{r.get('safe_change', 0.0):>8.3f}")
-    lines.append(f"routed: {', '.join(report['routing']['selected'])}; fixed layer: {report['routing']['best_fixed']}; "
-                 f"{report['seconds']:.0f} s")
-    return "\n".join(lines)
+    write_text(os.path.join(out_dir, "report.json"), json.dumps(rep, indent=1, default=float))
+    plots.plot_curves(rep, os.path.join(out_dir, "curves.png"))
+    write_text(os.path.join(out_dir, "table.md"), report_mod.markdown(rep) + "\n")
+    log(report_mod.table(res, agg["intervals"], names))
+    log(f"routed (first seed): {', '.join(rep['routing']['selected'])}; fixed layer: {rep['routing']['best_fixed']}; "
+        f"seeds {rep['seeds']}; {rep['seconds']:.0f} s")
+    return rep
