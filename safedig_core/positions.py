@@ -14,8 +14,12 @@ and text streams are their own, so a dictionary of one is refused on another.
 | chroma | Chroma                | double 19, single 38 (3072) | [txt | img]                  | dropped (no position)   |
 | flux2  | Flux.2                | double, single             | [txt (left-padded to 512) | img | reference img] | dropped |
 | sd3    | SD3 / SD3.5 (MMDiT)   | joint                      | (none)                       | context-pre-only: none  |
+| qwen_image | Qwen-Image        | double (60 blocks, 3072)   | (none; joint attention, text first) | unused (no position) |
+| wan    | Wan 2.1 / 2.2 text-to-video | double (the blocks; img only, 5120 at 14B) | (none; text by cross-attention) | no text stream |
 
-Reference-image tokens (Kontext, Flux.2 edits) follow the output image and are never steered.
+Reference-image tokens (Kontext, Flux.2 and Qwen-Image edits) follow the output image and are never steered.
+Every family's blocks are served by ComfyUI's `patches_replace["dit"]` slots (`double_block` for double and
+joint blocks, `single_block` for single ones).
 """
 from __future__ import annotations
 
@@ -27,14 +31,17 @@ from dataclasses import dataclass
 class Family:
     label: str  # the name users know
     kinds: tuple  # block kinds in stack order
-    single_stream: bool = True  # the last kind runs one [txt | img] sequence and drops txt after its last block
+    last_txt_dead: bool = True  # the text output of the last block is never used again (no position there)
+    streams: tuple = ("img", "txt")  # the streams a block returns
 
 
 FAMILY_INFO = {
     "flux": Family("FLUX.1", ("double", "single")),
     "chroma": Family("Chroma", ("double", "single")),
     "flux2": Family("Flux.2", ("double", "single")),
-    "sd3": Family("SD3/SD3.5", ("joint",), single_stream=False),
+    "sd3": Family("SD3/SD3.5", ("joint",), last_txt_dead=False),  # its last block computes no text at all
+    "qwen_image": Family("Qwen-Image", ("double",)),
+    "wan": Family("Wan 2.x", ("double",), streams=("img",)),  # text enters by cross-attention, never updated
 }
 FAMILIES = {name: f.kinds for name, f in FAMILY_INFO.items()}
 STREAMS = ("img", "txt")
@@ -110,7 +117,7 @@ class ModelLayout:
         out = []
         for kind in FAMILIES[self.family]:
             for i in range(self.blocks.get(kind, 0)):
-                for stream in STREAMS:
+                for stream in FAMILY_INFO[self.family].streams:
                     p = Position(kind, i, stream)
                     if self.has(p):
                         out.append(p)
@@ -118,6 +125,8 @@ class ModelLayout:
 
     def has(self, p: Position) -> bool:
         if not p.belongs(self.family) or not 0 <= p.index < self.blocks.get(p.kind, 0):
+            return False
+        if p.stream not in FAMILY_INFO[self.family].streams:
             return False
         return not self._dead_text(p)
 
@@ -129,7 +138,7 @@ class ModelLayout:
         last = fam.kinds[-1]
         if p.stream != "txt" or p.kind != last or p.index != self.blocks.get(last, 0) - 1:
             return False
-        return fam.single_stream or self.last_txt_absent
+        return fam.last_txt_dead or self.last_txt_absent
 
     def width_of(self, p: Position) -> int:
         return self.txt_width if (p.stream == "txt" and self.txt_width) else self.width
@@ -140,11 +149,13 @@ class ModelLayout:
         n = self.blocks.get(p.kind, 0)
         if not 0 <= p.index < n:
             raise PositionError(f"position {p}: the model has {n} {p.kind} blocks (indices 0..{n - 1})")
+        if p.stream not in FAMILY_INFO[self.family].streams:
+            raise PositionError(f"position {p}: {self.family.upper()} blocks return no {p.stream} stream")
         if not self.has(p):
             if p.kind == "joint":
                 raise PositionError(f"position {p}: the last joint block outputs no text stream (context pre-only)")
             raise PositionError(f"position {p}: {self.family.upper()} discards the text tokens of its last "
-                                "single block, so steering there has no effect; use an earlier block or the img stream")
+                                f"{p.kind} block, so steering there has no effect; use an earlier block or the img stream")
 
 
 def parse_list(spec, available: list[Position], holder: str = "the dictionary") -> list[Position]:

@@ -1,4 +1,5 @@
-"""FLUX.1 (dev, schnell), Chroma and Flux.2 in the real ComfyUI: tiny random-weight models, real KSampler runs.
+"""FLUX.1 (dev, schnell), Chroma, Flux.2, Qwen-Image and Wan 2.1 in the real ComfyUI: tiny random-weight models,
+real KSampler runs.
 
 Chroma and Flux.2 subclass ComfyUI's Flux model and carry its block attributes; the family comes from the
 model's class, and a dictionary made on one is refused on another with a message naming both.
@@ -13,20 +14,28 @@ from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.adapters.comfy.families import identify
 from safedig_core.adapters.comfy.patches import SteeringStore
 from safedig_core.formats.dictionary import DictionaryError
-from safedig_core.positions import parse
+from safedig_core.positions import PositionError, parse
 from safedig_core.steering import SteeringConfig
 
 pytestmark = pytest.mark.comfy
 
 W = 64
-# family -> (builder, variant, latent channels, latent side, pooled width or None, guidance, text tokens in the DiT)
+# family -> (builder, variant, latent shape, pooled width or None, guidance, text tokens in the DiT)
 MODELS = {
-    "flux": (comfyui.tiny_flux, "Flux", 16, 8, 768, 3.5, 8),
-    "flux-schnell": (comfyui.tiny_flux_schnell, "FluxSchnell", 16, 8, 768, None, 8),
-    "chroma": (comfyui.tiny_chroma, "Chroma", 16, 8, None, 0.0, 8),
-    "flux2": (comfyui.tiny_flux2, "Flux2", 128, 4, None, 3.5, 512),  # ComfyUI left-pads Flux.2 text to 512
+    "flux": (comfyui.tiny_flux, "Flux", (16, 8, 8), 768, 3.5, 8),
+    "flux-schnell": (comfyui.tiny_flux_schnell, "FluxSchnell", (16, 8, 8), 768, None, 8),
+    "chroma": (comfyui.tiny_chroma, "Chroma", (16, 8, 8), None, 0.0, 8),
+    "flux2": (comfyui.tiny_flux2, "Flux2", (128, 4, 4), None, 3.5, 512),  # ComfyUI left-pads Flux.2 text to 512
+    "qwen_image": (comfyui.tiny_qwen_image, "QwenImage", (16, 1, 8, 8), None, None, 8),
+    "wan": (comfyui.tiny_wan, "WAN21_T2V", (16, 1, 8, 8), None, None, 8),
 }
-POSITIONS = ["double.0.img", "double.1.txt", "single.0.img", "single.0.txt"]
+BLOCKS = {"qwen_image": {"double": 2}, "wan": {"double": 2}}
+POSITIONS = {"qwen_image": ["double.0.img", "double.0.txt", "double.1.img"], "wan": ["double.0.img", "double.1.img"]}
+FLUX_STYLE = ["double.0.img", "double.1.txt", "single.0.img", "single.0.txt"]
+
+
+def positions_of(name: str) -> list[str]:
+    return POSITIONS.get(name, FLUX_STYLE)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +48,7 @@ def family_of(name: str) -> str:
 
 
 def conds(name: str):
-    _, _, _, _, pooled, guidance, _ = MODELS[name]
+    _, _, _, pooled, guidance, _ = MODELS[name]
     g = torch.Generator().manual_seed(5)
     extra = {} if guidance is None else {"guidance": guidance}
 
@@ -51,10 +60,10 @@ def conds(name: str):
 
 
 def run(model, name: str, steps: int = 2) -> torch.Tensor:
-    _, _, channels, side, *_ = MODELS[name]
+    shape = MODELS[name][2]
     pos, neg = conds(name)
     with torch.inference_mode():  # as ComfyUI's executor runs KSampler
-        return comfyui.sample(model, pos, neg, torch.zeros(1, channels, side, side), seed=7, steps=steps, cfg=2.0)
+        return comfyui.sample(model, pos, neg, torch.zeros(1, *shape), seed=7, steps=steps, cfg=2.0)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -63,27 +72,32 @@ def test_family_and_variant_come_from_the_model_class(models, name):
     family, variant = family_of(name), MODELS[name][1]
     assert identify(model) == (family, variant)
     layout = comfyui.layout_of(model)
-    assert (layout.family, layout.variant, layout.width, layout.blocks) == (family, variant, W, {"double": 2, "single": 2})
+    blocks = BLOCKS.get(name, {"double": 2, "single": 2})
+    assert (layout.family, layout.variant, layout.width, layout.blocks) == (family, variant, W, blocks)
+    assert [str(p) for p in layout.positions()] == [
+        f"{k}.{i}.{s}" for k in blocks for i in range(blocks[k]) for s in ("img", "txt")
+        if s == "img" or (family != "wan" and not (k == list(blocks)[-1] and i == blocks[k] - 1))]
     dm = model.get_model_object("diffusion_model")
-    assert hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")  # what used to make everything "flux"
+    if "single" in blocks:  # what used to make every one of them "flux"
+        assert hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
     # a bare diffusion model has only its ldm class: Flux.2 shares FLUX.1's, so it reads as FLUX there
     assert identify(dm)[0] == ("flux" if family == "flux2" else family)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_positions_and_token_counts_in_a_ksampler_run(models, name):
-    _, _, _, side, _, _, txt = MODELS[name]
+    shape, txt = MODELS[name][2], MODELS[name][5]
     patch = models[name].get_model_object("diffusion_model").patch_size
-    img = (side // patch) ** 2
+    patch = patch[-1] if isinstance(patch, tuple) else patch
+    img = (shape[-1] // patch) ** 2
     seen = {}
 
     def record(p, x, to):
         seen.setdefault(str(p), set()).add(tuple(x.shape))
 
-    m = comfyui.recording_model(models[name], [parse(n) for n in POSITIONS], record)
+    m = comfyui.recording_model(models[name], [parse(n) for n in positions_of(name)], record)
     run(m, name)
-    assert seen == {"double.0.img": {(2, img, W)}, "double.1.txt": {(2, txt, W)},
-                    "single.0.img": {(2, img, W)}, "single.0.txt": {(2, txt, W)}}
+    assert seen == {n: {(2, txt if n.endswith("txt") else img, W)} for n in positions_of(name)}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -91,10 +105,10 @@ def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(
     model, family = models[name], family_of(name)
     before = dict(model.model_options["transformer_options"])
     base = run(model, name)
-    positions = [parse(n) for n in POSITIONS]
+    positions = [parse(n) for n in positions_of(name)]
 
     def steered(fire: bool, cfg: SteeringConfig) -> torch.Tensor:
-        d = make_dictionary(family, W, POSITIONS, fire=fire)
+        d = make_dictionary(family, W, positions_of(name), fire=fire)
         store = SteeringStore({p: e.steerer() for p, e in d.entries.items()})
         d.check_layout(comfyui.layout_of(model))
         return run(comfyui.steer_model(model, store, positions, cfg), name)
@@ -111,6 +125,8 @@ def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(
     ("chroma", "flux", r"made for CHROMA, but the model is FLUX \(Flux\)"),
     ("flux", "flux2", r"made for FLUX, but the model is FLUX2 \(Flux2\)"),
     ("flux2", "flux", r"made for FLUX2, but the model is FLUX \(Flux\)"),
+    ("flux", "qwen_image", r"made for FLUX, but the model is QWEN_IMAGE \(QwenImage\)"),
+    ("qwen_image", "wan", r"made for QWEN_IMAGE, but the model is WAN \(WAN21_T2V\)"),
 ])
 def test_a_dictionary_is_refused_on_another_family(models, made, model_name, message):
     """Same block counts and widths: only the family tells them apart."""
@@ -127,3 +143,9 @@ def test_a_dictionary_is_refused_on_another_variant_and_accepted_on_its_own(mode
     d.check_layout(comfyui.layout_of(models["flux-schnell"]))
     d.variant = None  # a dictionary that names no variant fits every variant of its family
     d.check_layout(comfyui.layout_of(models["flux"]))
+
+
+def test_wan_has_no_text_positions(models):
+    layout = comfyui.layout_of(models["wan"])
+    with pytest.raises(PositionError, match=r"double\.0\.txt: WAN blocks return no txt stream"):
+        layout.check(parse("double.0.txt"))

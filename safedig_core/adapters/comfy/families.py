@@ -6,7 +6,8 @@ supported_models config ComfyUI recognised the checkpoint as (`Flux`, `FluxSchne
 A bare diffusion model (no model_base) is told apart by its ldm class; Flux.2's ldm class is FLUX.1's, so
 only a ModelPatcher or model_base tells Flux.2 apart.
 
-Single-stream families run one `[txt | img | reference images]` sequence in their single blocks;
+Qwen-Image and Wan have only double-stream blocks (`double_block` slots); Wan's blocks return the image
+stream alone. Single-stream families run one `[txt | img | reference images]` sequence in their single blocks;
 `record_token_layout` (a DIFFUSION_MODEL wrapper) notes the text length and the number of output image
 tokens for the block patches. It binds the forward's arguments by name, because each family passes
 `transformer_options` at its own place (FLUX.1/Flux2 8th, Chroma 6th).
@@ -20,11 +21,14 @@ from .patches import TOKEN_LAYOUT
 
 # (model_base class name, family), most specific first: isinstance(Chroma(), Flux) holds
 BASE_CLASSES = (("ChromaRadiance", None), ("Chroma", "chroma"), ("Flux2", "flux2"), ("Flux", "flux"),
-                ("SD3", "sd3"))
+                ("SD3", "sd3"), ("QwenImage", "qwen_image"), ("WAN21", "wan"))
 LDM_CLASSES = (("comfy.ldm.chroma_radiance.model", "ChromaRadiance", None),
                ("comfy.ldm.chroma.model", "Chroma", "chroma"),
                ("comfy.ldm.flux.model", "Flux", "flux"),
-               ("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT", "sd3"))
+               ("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT", "sd3"),
+               ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", "qwen_image"),
+               ("comfy.ldm.wan.model", "WanModel", "wan"))
+TOKEN_LAYOUT_FAMILIES = ("flux", "chroma", "flux2", "qwen_image")  # a single stream, or reference images after img
 
 
 class UnsupportedModel(ValueError):
@@ -80,12 +84,16 @@ def layout_of(model) -> ModelLayout:
         last = dm.joint_blocks[-1].context_block
         return ModelLayout("sd3", {"joint": len(dm.joint_blocks)}, dm.hidden_size,
                            last_txt_absent=bool(getattr(last, "pre_only", False)), variant=variant)
+    if family == "qwen_image":
+        return ModelLayout(family, {"double": len(dm.transformer_blocks)}, dm.inner_dim, variant=variant)
+    if family == "wan":
+        return ModelLayout(family, {"double": len(dm.blocks)}, dm.dim, variant=variant)
     return ModelLayout(family, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
                        dm.params.hidden_size, variant=variant)
 
 
 def needs_token_layout(family: str) -> bool:
-    return FAMILY_INFO[family].single_stream
+    return family in TOKEN_LAYOUT_FAMILIES
 
 
 def _bound(executor, args, kwargs) -> dict:
@@ -98,8 +106,9 @@ def _bound(executor, args, kwargs) -> dict:
 
 def record_token_layout(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: note (text tokens, output image tokens) in transformer_options for the single
-    blocks of FLUX.1, Chroma and Flux.2. Text tokens = the context as the DiT receives it (Flux.2's left-padded
-    to 512 by its extra_conds); image tokens = the patchified output latent (reference images come after)."""
+    blocks of FLUX.1, Chroma and Flux.2 and for Qwen-Image's image stream. Text tokens = the context as the DiT
+    receives it (Flux.2's left-padded to 512 by its extra_conds); image tokens = the patchified output latent
+    (reference images come after; Qwen-Image's latent is [B, C, 1, H, W])."""
     a = _bound(executor, args, kwargs)
     to, x, context = a.get("transformer_options"), a.get("x"), a.get("context")
     if isinstance(to, dict) and x is not None and context is not None:

@@ -142,6 +142,29 @@ def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64,
     return _patcher(comfy.supported_models.Flux2(cfg), seed)
 
 
+def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32, context_dim: int = 64):
+    """A random-weight Qwen-Image (double-stream blocks only, width heads × head_dim, 16-channel 5-D latent
+    [B, 16, 1, H, W], patch 2) in a ModelPatcher."""
+    import comfy.supported_models
+
+    third = (head_dim * 7 // 16) // 2 * 2
+    cfg = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+           "num_layers": layers, "attention_head_dim": head_dim, "num_attention_heads": heads,
+           "joint_attention_dim": context_dim, "axes_dims_rope": (head_dim - 2 * third, third, third)}
+    return _patcher(comfy.supported_models.QwenImage(cfg), seed)
+
+
+def tiny_wan(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, context_dim: int = 64):
+    """A random-weight Wan 2.1 text-to-video (blocks return the image stream only; text by cross-attention;
+    16-channel 5-D latent [B, 16, T, H, W], patch 1×2×2) in a ModelPatcher."""
+    import comfy.supported_models
+
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16,
+           "dim": dim, "ffn_dim": 2 * dim, "freq_dim": 256, "text_dim": context_dim, "num_heads": heads,
+           "num_layers": layers, "text_len": 512}
+    return _patcher(comfy.supported_models.WAN21_T2V(cfg), seed)
+
+
 def tiny_sd3(seed: int = 0, depth: int = 2, context_dim: int = 64, adm_dim: int = 2048):
     """A random-weight SD3 MMDiT (width 64·depth; the last block context-pre-only) in a ModelPatcher."""
     import comfy.model_management
