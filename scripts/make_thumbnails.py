@@ -43,7 +43,6 @@ def steering_pair(server, page, path: str) -> None:
     import urllib.parse
 
     from PIL import Image, ImageDraw
-
     from server_fixture import _OPENER
 
     card = Image.new("RGB", SIZE, (24, 24, 24))

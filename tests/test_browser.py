@@ -17,7 +17,7 @@ import pytest
 
 pytest.register_assert_rewrite("server_fixture", "browser")
 import browser as ui  # noqa: E402
-from server_fixture import REPO, _OPENER  # noqa: E402
+from server_fixture import _OPENER, REPO  # noqa: E402
 from test_workflows import FILE_COMBOS, FRONTEND_ONLY, TESTBED, WORKFLOWS, load  # noqa: E402
 
 pytest_plugins = ("server_fixture",)
@@ -59,9 +59,10 @@ def widget_problems(name: str, state: dict) -> list[str]:
         for w in got["widgets"]:
             if w["options"] is not None and w["value"] not in w["options"] and (node["type"], w["name"]) not in FILE_COMBOS:
                 problems.append(f"{where}: {w['name']}={w['value']!r} is not among {w['options']}")
-            if isinstance(w["value"], (int, float)) and not isinstance(w["value"], bool):
-                if (w["min"] is not None and w["value"] < w["min"]) or (w["max"] is not None and w["value"] > w["max"]):
-                    problems.append(f"{where}: {w['name']}={w['value']} outside [{w['min']}, {w['max']}]")
+            number = isinstance(w["value"], (int, float)) and not isinstance(w["value"], bool)
+            low, high = w["min"], w["max"]
+            if number and ((low is not None and w["value"] < low) or (high is not None and w["value"] > high)):
+                problems.append(f"{where}: {w['name']}={w['value']} outside [{low}, {high}]")
     return problems
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_dictionary
+
 from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.adapters.comfy.families import identify
-from safedig_core.adapters.comfy.patches import SteeringStore
+from safedig_core.adapters.comfy.patches import SharedSteerers
 from safedig_core.formats.dictionary import DictionaryError
 from safedig_core.positions import PositionError, parse
 from safedig_core.steering import SteeringConfig
@@ -109,7 +109,7 @@ def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(
 
     def steered(fire: bool, cfg: SteeringConfig) -> torch.Tensor:
         d = make_dictionary(family, W, positions_of(name), fire=fire)
-        store = SteeringStore({p: e.steerer() for p, e in d.entries.items()})
+        store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
         d.check_layout(comfyui.layout_of(model))
         return run(comfyui.steer_model(model, store, positions, cfg), name)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-
 from urllib.parse import quote
 
 import numpy as np

@@ -81,7 +81,7 @@ class ComfyRunner:
 
 def clip_encoder(clip, family: str, negative: str = "", guidance: float = 3.5) -> Callable[[str], tuple]:
     """encode(prompt) -> (positive, negative) through a ComfyUI CLIP object; FLUX gets `guidance`."""
-    extra = {"guidance": float(guidance)} if family == "flux" else {}
+    extra = {"guidance": float(guidance)} if family in ("flux", "flux2") else {}
     neg: list = []
 
     def enc(text: str):
