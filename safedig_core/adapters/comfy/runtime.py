@@ -78,12 +78,29 @@ def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, 
            "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
            "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
            "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-    conf = comfy.supported_models.Flux(cfg)
+    conf = comfy.supported_models.Flux(params_compat(cfg))
     conf.set_inference_dtype(torch.float32, torch.float32)
     model = conf.get_model({})
     _init_weights(model.diffusion_model, seed)
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+def params_compat(cfg: dict) -> dict:
+    """`cfg` plus what the installed ComfyUI's FLUX/Chroma params require beyond 0.3.75: newer releases make
+    `txt_ids_dims` (the RoPE axes that number text tokens) a required field: none for FLUX.1 and Chroma, axis 3
+    for Flux.2, as ComfyUI's model detection sets them."""
+    import dataclasses
+
+    import comfy.ldm.chroma.model
+    import comfy.ldm.flux.model
+
+    params = comfy.ldm.chroma.model.ChromaParams if cfg.get("image_model") == "chroma" else comfy.ldm.flux.model.FluxParams
+    fields = {f.name for f in dataclasses.fields(params)}
+    out = dict(cfg)
+    if "txt_ids_dims" in fields and "txt_ids_dims" not in out:
+        out["txt_ids_dims"] = [3] if cfg.get("image_model") == "flux2" else []
+    return out
 
 
 def _patcher(conf, seed: int):
@@ -108,7 +125,7 @@ def tiny_flux_schnell(seed: int = 0, depth: int = 2, single: int = 2, hidden: in
            "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
            "depth": depth, "depth_single_blocks": single, "axes_dim": [pe - 2 * third, third, third],
            "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
-    return _patcher(comfy.supported_models.FluxSchnell(cfg), seed)
+    return _patcher(comfy.supported_models.FluxSchnell(params_compat(cfg)), seed)
 
 
 def tiny_chroma(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
@@ -124,7 +141,7 @@ def tiny_chroma(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64
            "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
            "depth_single_blocks": single, "axes_dim": [pe - 2 * third, third, third], "theta": 10000,
            "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": hidden, "hidden_dim": 32, "n_layers": 1}
-    return _patcher(comfy.supported_models.Chroma(cfg), seed)
+    return _patcher(comfy.supported_models.Chroma(params_compat(cfg)), seed)
 
 
 def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
@@ -139,7 +156,7 @@ def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64,
            "depth": depth, "depth_single_blocks": single, "axes_dim": [pe // 4] * 4, "theta": 2000,
            "patch_size": 1, "qkv_bias": False, "guidance_embed": True, "global_modulation": True,
            "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
-    return _patcher(comfy.supported_models.Flux2(cfg), seed)
+    return _patcher(comfy.supported_models.Flux2(params_compat(cfg)), seed)
 
 
 def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32, context_dim: int = 64):
