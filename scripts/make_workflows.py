@@ -168,7 +168,7 @@ def build(info: dict) -> dict:
                      "width": 256, "height": 256}, model=(model, 0), clip=(model, 1))
     g.add("PreviewAny", (760, 80), (400, 200), title="Collected", source=(collect, 0))
     built = g.add("SafeDIGBuildDictionary", (340, 640), (380, 260),
-                  {"store": "testbed_activations", "dictionary_name": "my_testbed_dictionary", "positions": 3,
+                  {"store": "testbed_activations", "dictionary_name": "my_testbed_dictionary", "routed_positions": 3,
                    "train_steps": 300, "adapt_steps": 100, "expansion": 8, "k": 8, "batch_size": 512},
                   mode=2)
     g.add("PreviewAny", (760, 640), (400, 200), title="Built", mode=2, source=(built, 0))
@@ -188,9 +188,9 @@ def main() -> None:
             server.stop()
     for name, make in MAKERS.items():
         path = os.path.join(REPO, "workflows", f"{name}.json")
+        text = json.dumps(make(info), indent=1, ensure_ascii=False) + "\n"  # made in full before the file is opened
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(make(info), f, indent=1, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
         print(f"wrote {path}")
 
 
