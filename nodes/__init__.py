@@ -7,10 +7,11 @@ from .feature_map import SafeDIGFeatureMap
 from .load_dictionary import SafeDIGLoadDictionary, register_folder
 from .safety_check import SafeDIGSafetyCheck
 from .select_features import SafeDIGSelectFeatures
+from .testbed_model import SafeDIGTestbedModel, register_dictionary_folder
 
 NODES: list[type[io.ComfyNode]] = [SafeDIGLoadDictionary, SafeDIGSelectFeatures, SafeDIGApplySteering,
                                    SafeDIGSafetyCheck, SafeDIGFeatureMap, SafeDIGCollectActivations,
-                                   SafeDIGBuildDictionary]
+                                   SafeDIGBuildDictionary, SafeDIGTestbedModel]
 
 
 class SafeDIGExtension(ComfyExtension):
@@ -18,4 +19,4 @@ class SafeDIGExtension(ComfyExtension):
         return NODES
 
 
-__all__ = ["NODES", "SafeDIGExtension", "register_folder"]
+__all__ = ["NODES", "SafeDIGExtension", "register_dictionary_folder", "register_folder"]

@@ -14,7 +14,7 @@ DETECT_AT = {"each position": "each", "text positions": "text", "image positions
 def apply(model, loaded, cfg: SteeringConfig, positions: str = "all"):
     """Check the dictionary against the model, then clone it with the steering patches installed."""
     d = loaded.dictionary
-    layout = layout_of(model.get_model_object("diffusion_model"))
+    layout = layout_of(model)
     chosen = parse_list(positions, d.positions)
     d.check_layout(layout, plan(cfg, chosen, d.positions).positions, source=f"safety dictionary {loaded.name}")
     return steer_model(model, loaded.store, chosen, cfg, layout)

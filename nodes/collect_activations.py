@@ -108,7 +108,7 @@ class SafeDIGCollectActivations(io.ComfyNode):
                 negative_prompt="", dtype="float16") -> io.NodeOutput:
         prompts = load_prompts(prompt_file_path(prompt_file))
         path = store_path(output_name)
-        family = layout_of(model.get_model_object("diffusion_model")).family
+        family = layout_of(model).family
         channels = model.get_model_object("latent_format").latent_channels
         runner = ComfyRunner(model, clip_encoder(clip, family, negative_prompt, guidance), cfg, sampler_name,
                              scheduler, (channels, height // 8, width // 8),

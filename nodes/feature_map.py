@@ -23,7 +23,7 @@ def run(model, loaded, positive, negative, latent, vae, seed, steps, cfg, sample
     chosen = parse_list(positions, d.positions)
     if positions.strip().lower() in ("", "all"):
         chosen = [p for p in chosen if p.stream == "img"]  # text streams have no place on the image
-    d.check_layout(layout_of(model.get_model_object("diffusion_model")), chosen,
+    d.check_layout(layout_of(model), chosen,
                    source=f"safety dictionary {loaded.name}")
     out, maps = core.sample_maps(model, loaded.store.steerers, chosen, positive, negative, latent, seed, steps, cfg,
                                  sampler_name, scheduler, start_percent, end_percent, denoise)

@@ -2,14 +2,48 @@
 which block slot serves them, and whether a model has them.
 
 A position is the output of one DiT block for one token stream, named by a stable string:
-FLUX `double.{i}.img|txt`, `single.{j}.img|txt`; SD3 MMDiT `joint.{i}.img|txt`.
+FLUX-style `double.{i}.img|txt`, `single.{j}.img|txt`; SD3 MMDiT `joint.{i}.img|txt`.
+
+A family is a block layout the hooks know, told apart by the model's own class (adapters/comfy/families.py),
+never by its attribute names: Chroma and Flux.2 have FLUX.1's double/single blocks, but their weights, widths
+and text streams are their own, so a dictionary of one is refused on another.
+
+| family | model                 | blocks (stack order)       | single-block sequence        | text of the last block  |
+| ------ | --------------------- | -------------------------- | ---------------------------- | ----------------------- |
+| flux   | FLUX.1 dev / schnell / Kontext | double 19, single 38 (3072) | [txt | img | reference img] | dropped (no position)   |
+| chroma | Chroma                | double 19, single 38 (3072) | [txt | img]                  | dropped (no position)   |
+| flux2  | Flux.2                | double, single             | [txt (left-padded to 512) | img | reference img] | dropped |
+| sd3    | SD3 / SD3.5 (MMDiT)   | joint                      | (none)                       | context-pre-only: none  |
+| qwen_image | Qwen-Image        | double (60 blocks, 3072)   | (none; joint attention, text first) | unused (no position) |
+| wan    | Wan 2.1 / 2.2 text-to-video | double (the blocks; img only, 5120 at 14B) | (none; text by cross-attention) | no text stream |
+
+Reference-image tokens (Kontext, Flux.2 and Qwen-Image edits) follow the output image and are never steered.
+Every family's blocks are served by ComfyUI's `patches_replace["dit"]` slots (`double_block` for double and
+joint blocks, `single_block` for single ones).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-FAMILIES = {"flux": ("double", "single"), "sd3": ("joint",)}
+
+@dataclass(frozen=True)
+class Family:
+    label: str  # the name users know
+    kinds: tuple  # block kinds in stack order
+    last_txt_dead: bool = True  # the text output of the last block is never used again (no position there)
+    streams: tuple = ("img", "txt")  # the streams a block returns
+
+
+FAMILY_INFO = {
+    "flux": Family("FLUX.1", ("double", "single")),
+    "chroma": Family("Chroma", ("double", "single")),
+    "flux2": Family("Flux.2", ("double", "single")),
+    "sd3": Family("SD3/SD3.5", ("joint",), last_txt_dead=False),  # its last block computes no text at all
+    "qwen_image": Family("Qwen-Image", ("double",)),
+    "wan": Family("Wan 2.x", ("double",), streams=("img",)),  # text enters by cross-attention, never updated
+}
+FAMILIES = {name: f.kinds for name, f in FAMILY_INFO.items()}
 STREAMS = ("img", "txt")
 GROUPS = ("text_binding", "visual_binding", "rendering")
 
@@ -32,7 +66,12 @@ class Position:
 
     @property
     def family(self) -> str:
+        """The first family with blocks of this kind (FLUX.1 for double/single); see `belongs`."""
         return "sd3" if self.kind == "joint" else "flux"
+
+    def belongs(self, family: str) -> bool:
+        """Whether models of `family` have blocks of this position's kind."""
+        return self.kind in FAMILIES.get(family, ())
 
     @property
     def call_order(self) -> tuple[int, int]:
@@ -54,8 +93,8 @@ def parse(name: str) -> Position:
     m = _NAME.match(name.strip())
     if not m:
         raise PositionError(
-            f"bad position name {name!r}: expected double.<i>.img|txt or single.<j>.img|txt (FLUX) "
-            "or joint.<i>.img|txt (SD3)")
+            f"bad position name {name!r}: expected double.<i>.img|txt or single.<j>.img|txt (FLUX.1, Chroma, "
+            "Flux.2) or joint.<i>.img|txt (SD3)")
     return Position(m.group(1), int(m.group(2)), m.group(3))
 
 
@@ -67,44 +106,56 @@ class ModelLayout:
     width: int
     txt_width: int | None = None  # width of the text stream, when it differs (it never does in FLUX/SD3)
     last_txt_absent: bool = False  # SD3: the last joint block is context-pre-only and outputs no text
+    variant: str | None = None  # the exact model config (ComfyUI's supported_models class), e.g. Flux, FluxSchnell
+
+    @property
+    def label(self) -> str:
+        """FAMILY (variant), as messages name a model."""
+        return f"{self.family.upper()} ({self.variant})" if self.variant else self.family.upper()
 
     def positions(self) -> list[Position]:
         out = []
         for kind in FAMILIES[self.family]:
             for i in range(self.blocks.get(kind, 0)):
-                for stream in STREAMS:
+                for stream in FAMILY_INFO[self.family].streams:
                     p = Position(kind, i, stream)
                     if self.has(p):
                         out.append(p)
         return out
 
     def has(self, p: Position) -> bool:
-        if p.family != self.family or not 0 <= p.index < self.blocks.get(p.kind, 0):
+        if not p.belongs(self.family) or not 0 <= p.index < self.blocks.get(p.kind, 0):
+            return False
+        if p.stream not in FAMILY_INFO[self.family].streams:
             return False
         return not self._dead_text(p)
 
     def _dead_text(self, p: Position) -> bool:
-        """The text stream of the model's last block: SD3's is never computed (context pre-only) and FLUX
-        drops the text tokens after its last single block, so steering there could change nothing."""
-        last = {"flux": "single", "sd3": "joint"}[self.family]
+        """The text stream of the model's last block: SD3's is never computed (context pre-only) and the
+        single-stream families drop the text tokens after their last single block, so steering there could
+        change nothing."""
+        fam = FAMILY_INFO[self.family]
+        last = fam.kinds[-1]
         if p.stream != "txt" or p.kind != last or p.index != self.blocks.get(last, 0) - 1:
             return False
-        return self.family == "flux" or self.last_txt_absent
+        return fam.last_txt_dead or self.last_txt_absent
 
     def width_of(self, p: Position) -> int:
         return self.txt_width if (p.stream == "txt" and self.txt_width) else self.width
 
     def check(self, p: Position) -> None:
-        if p.family != self.family:
-            raise PositionError(f"position {p} belongs to {p.family.upper()}, but the model is {self.family.upper()}")
+        if not p.belongs(self.family):
+            raise PositionError(f"position {p} belongs to {p.family.upper()}, but the model is {self.label}")
         n = self.blocks.get(p.kind, 0)
         if not 0 <= p.index < n:
             raise PositionError(f"position {p}: the model has {n} {p.kind} blocks (indices 0..{n - 1})")
+        if p.stream not in FAMILY_INFO[self.family].streams:
+            raise PositionError(f"position {p}: {self.family.upper()} blocks return no {p.stream} stream")
         if not self.has(p):
             if p.kind == "joint":
                 raise PositionError(f"position {p}: the last joint block outputs no text stream (context pre-only)")
-            raise PositionError(f"position {p}: FLUX discards the text tokens of its last single block, so steering "
-                                "there has no effect; use an earlier block or the img stream")
+            raise PositionError(f"position {p}: {self.family.upper()} discards the text tokens of its last "
+                                f"{p.kind} block, so steering there has no effect; use an earlier block or the img stream")
 
 
 def parse_list(spec, available: list[Position], holder: str = "the dictionary") -> list[Position]:

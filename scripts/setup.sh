@@ -59,4 +59,20 @@ else
   comfy=$COMFYUI_PATH
   [ -f "$comfy/comfy/model_patcher.py" ] || { echo "COMFYUI_PATH=$comfy is not a ComfyUI folder (no comfy/model_patcher.py)" >&2; exit 2; }
 fi
+# The real-browser test (tests/test_browser.py) drives Debian's chromium through chromium-driver; nothing downloads a
+# browser build. Installed here when missing and apt-get can run (root, or passwordless sudo); otherwise the test
+# skips and says why. SAFEDIG_NO_BROWSER=1 skips this step.
+if [ -z "${SAFEDIG_NO_BROWSER:-}" ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo=(sudo -n); }
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || [ ${#sudo[@]} -gt 0 ]; }; then
+    echo "[setup] installing chromium and chromium-driver (apt-get) for the real-browser test"
+    if ! { "${sudo[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
+          --no-install-recommends chromium chromium-driver >/dev/null; }; then
+      echo "[setup] could not install chromium; tests/test_browser.py will be skipped" >&2
+    fi
+  else
+    echo "[setup] chromium/chromium-driver missing and apt-get is not usable here; tests/test_browser.py will be skipped" >&2
+  fi
+fi
 echo "[setup] ready: venv $venv, ComfyUI $comfy"

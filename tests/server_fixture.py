@@ -97,6 +97,13 @@ class ComfyServer:
         assert status == 200, f"GET {path} -> {status}: {out}\n{self.log_tail()}"
         return out
 
+    def get_bytes(self, path: str) -> tuple[int, bytes]:
+        try:
+            with _OPENER.open(self.url + path, timeout=30.0) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
     def object_info(self) -> dict:
         if self._object_info is None:
             self._object_info = self.get("/object_info")

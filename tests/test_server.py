@@ -97,7 +97,8 @@ def test_object_info_lists_the_safedig_nodes(comfy_server):
 
     load = info["SafeDIGLoadDictionary"]
     check_inputs(load, LOAD_INPUTS)
-    assert sorted(combo_options(load["input"]["required"]["dictionary_name"])) == sorted(DICTIONARIES)
+    shipped = ["testbed_dictionary.safetensors"]  # the testbed's, in the pack (safedig_core/testbed/assets/sae)
+    assert sorted(combo_options(load["input"]["required"]["dictionary_name"])) == sorted([*DICTIONARIES, *shipped])
     assert load["output"] == ["SAFEDIG_DICTIONARY"] and load["output_name"] == ["dictionary"]
     assert load["category"] == "SafeDIG" and load["python_module"] == "custom_nodes.SafeDIG"
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from urllib.parse import quote
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.register_assert_rewrite("server_fixture")
 from server_fixture import REPO, combo_options, input_specs, input_type  # noqa: E402
@@ -18,11 +21,15 @@ from server_fixture import REPO, combo_options, input_specs, input_type  # noqa:
 pytest_plugins = ("server_fixture",)
 pytestmark = [pytest.mark.comfy, pytest.mark.server]
 
-WORKFLOWS = {
-    "safedig_flux1_dev": {"loader": "UNETLoader", "steps": 20, "cfg": 1.0, "dictionary": "safedig_flux1_dev.safetensors"},
-    "safedig_sd35_large": {"loader": "CheckpointLoaderSimple", "steps": 28, "cfg": 4.5,
-                           "dictionary": "safedig_sd35_large.safetensors"},
+STEERING = {  # the workflows that steer a downloaded model: what they must be wired to
+    "SafeDIG - FLUX.1 Dev": {"loader": "UNETLoader", "steps": 20, "cfg": 1.0,
+                             "dictionary": "safedig_flux1_dev.safetensors"},
+    "SafeDIG - SD3.5 Large": {"loader": "CheckpointLoaderSimple", "steps": 28, "cfg": 4.5,
+                              "dictionary": "safedig_sd35_large.safetensors"},
 }
+TESTBED = "SafeDIG - Testbed steering on a CPU"
+BUILD = "SafeDIG - Build a dictionary"
+WORKFLOWS = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, "workflows")) if f.endswith(".json"))
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # virtual nodes: never in /object_info
 FILE_COMBOS = {  # combos listing model files: their options depend on what the server has in models/
     ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
@@ -180,9 +187,9 @@ def test_workflow_nodes_inputs_and_widgets_match_object_info(name, object_info):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+@pytest.mark.parametrize("name", sorted(STEERING))
 def test_workflow_steers_between_loader_and_sampler(name, object_info):
-    wf, want = load(name), WORKFLOWS[name]
+    wf, want = load(name), STEERING[name]
     api = to_api(wf, object_info)
     by_type = {}
     for nid, node in api.items():
@@ -201,7 +208,7 @@ def test_workflow_steers_between_loader_and_sampler(name, object_info):
         assert kind in by_type, f"{name} lacks {kind}"
 
 
-@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+@pytest.mark.parametrize("name", sorted(STEERING))
 def test_server_validation_objects_only_to_the_missing_model_files(name, comfy_server, object_info):
     """Queued as the frontend would, the graph is refused only for model files this server lacks."""
     api = to_api(load(name), object_info)
@@ -225,7 +232,38 @@ def test_server_validation_objects_only_to_the_missing_model_files(name, comfy_s
 
 
 def test_templates_are_served_to_the_template_browser(comfy_server):
+    """The template browser lists custom-node templates by file name (its title) and shows
+    `<name>.jpg` from the same folder as the thumbnail."""
     listed = comfy_server.get("/workflow_templates")
     assert sorted(listed.get("SafeDIG", [])) == sorted(WORKFLOWS), listed
     for name in WORKFLOWS:
-        assert comfy_server.get(f"/api/workflow_templates/SafeDIG/{name}.json") == load(name)
+        assert comfy_server.get(f"/api/workflow_templates/SafeDIG/{quote(name)}.json") == load(name)
+        status, body = comfy_server.get_bytes(f"/api/workflow_templates/SafeDIG/{quote(name)}.jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff", f"{name}: no JPEG thumbnail ({status})"
+        assert name[:1].isupper() and " " in name, f"{name}: the file name is the title the browser shows"
+
+
+def test_every_safedig_node_is_in_a_bundled_workflow(object_info):
+    ours = {k for k, v in object_info.items() if v.get("python_module") == "custom_nodes.SafeDIG"}
+    used = {n["type"] for name in WORKFLOWS for n in load(name)["nodes"]}
+    assert len(ours) >= 8 and not ours - used, f"in no workflow: {sorted(ours - used)}"
+
+
+def test_testbed_workflow_runs_and_steers_on_the_cpu(comfy_server, object_info):
+    """Queued as the frontend queues it, the testbed workflow runs with nothing downloaded: both previews
+    show a 256×256 image of the same prompt and seed, and the steered one differs from the unsteered one."""
+    wf = load(TESTBED)
+    api = to_api(wf, object_info)
+    entry = comfy_server.run(api)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    titles = {str(n["id"]): n.get("title") for n in wf["nodes"]}
+    shown = {titles[nid]: out["images"] for nid, out in entry["outputs"].items() if "images" in out}
+    pictures = {}
+    for title in ("Unsteered", "Steered"):
+        (img,) = shown[title]
+        path = os.path.join(comfy_server.base_dir, img["type"], img.get("subfolder", ""), img["filename"])
+        pictures[title] = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        assert pictures[title].shape == (256, 256, 3)
+    assert np.abs(pictures["Unsteered"] - pictures["Steered"]).mean() > 2.0, "steering changed nothing visible"
+    (report,) = [out["text"] for nid, out in entry["outputs"].items() if (titles[nid] or "").startswith("Safety check")]
+    assert "testbed" in report[0]

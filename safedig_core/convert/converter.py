@@ -47,7 +47,7 @@ def assign(imported: list[Imported], specs: list[str], family: str, src: str) ->
     out, seen = [], set()
     for name, imp in pairs:
         p = parse(name)
-        if p.family != family:
+        if not p.belongs(family):
             raise PositionError(f"position {p} is not a {family.upper()} position (FLUX: double.<i>.img|txt, "
                                 "single.<j>.img|txt; SD3: joint.<i>.img|txt)")
         if p in seen:

@@ -59,6 +59,7 @@ class SafetyDictionary:
     entries: dict[Position, DictionaryEntry]
     steering_defaults: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    variant: str | None = None  # the exact model config it was made on (ModelLayout.variant); None: any of the family
 
     @property
     def positions(self) -> list[Position]:
@@ -70,8 +71,9 @@ class SafetyDictionary:
 
     def check_layout(self, layout: ModelLayout, positions: list[Position] | None = None, source: str = "dictionary"):
         """Reject a dictionary that names blocks the model lacks or whose widths differ from it."""
-        if layout.family != self.family:
-            raise DictionaryError(f"{source}: made for {self.family.upper()}, but the model is {layout.family.upper()}")
+        made = ModelLayout(self.family, {}, 0, variant=self.variant).label
+        if layout.family != self.family or (self.variant and layout.variant and layout.variant != self.variant):
+            raise DictionaryError(f"{source}: made for {made}, but the model is {layout.label}")
         for p in positions or self.positions:
             try:
                 layout.check(p)
@@ -100,7 +102,8 @@ def _metadata(d: SafetyDictionary) -> dict:
             meta["metrics"] = e.metrics
         positions[p.name] = meta
     return {"format_version": FORMAT_VERSION, "family": d.family, "positions": positions,
-            "steering_defaults": d.steering_defaults, "provenance": d.provenance}
+            "steering_defaults": d.steering_defaults, "provenance": d.provenance,
+            **({"variant": d.variant} if d.variant else {})}
 
 
 def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> None:
@@ -187,7 +190,7 @@ def load(path: str) -> SafetyDictionary:
                 p = parse(name)
             except PositionError as e:
                 _fail(path, str(e))
-            if p.family != family:
+            if not p.belongs(family):
                 _fail(path, f"position {p} is not a {family.upper()} position")
             if not isinstance(pm, dict):
                 _fail(path, f"position {p}: metadata must be an object")
@@ -255,7 +258,10 @@ def load(path: str) -> SafetyDictionary:
     for key, value in extras.items():
         if not isinstance(value, dict):
             _fail(path, f"'{key}' must be a JSON object")
-    d = SafetyDictionary(family, entries, extras["steering_defaults"], extras["provenance"])
+    variant = meta.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        _fail(path, f"'variant' must be a string, got {variant!r}")
+    d = SafetyDictionary(family, entries, extras["steering_defaults"], extras["provenance"], variant)
     try:
         d.default_config()
     except (TypeError, ValueError) as e:

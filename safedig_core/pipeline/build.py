@@ -83,6 +83,7 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
             e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), cfg.gate_quantile)
             e.metrics["gate_scale"], e.metrics["image_gate_scale"] = e.gate_scale, e.image_gate_scale
     d.steering_defaults = dict(cfg.steering_defaults)
+    d.variant = (getattr(store, "config", {}).get("runner") or {}).get("variant")  # the model config it was made on
     d.provenance = dict(d.provenance, **provenance, adapted=bool(adapted),
                         routing={"selected": selected, "best_fixed": report.best_fixed} if report else None)
     save(d, out_path)

@@ -96,8 +96,10 @@ def init_weights(net: torch.nn.Module, seed: int) -> None:
 
 def build_model(arch: dict = ARCH, seed: int = 0, init: bool = True):
     """A ComfyUI FLUX model_base (`comfy.model_base.Flux`) for the testbed, float32 on the CPU."""
+    from ..adapters.comfy.runtime import params_compat
+
     _, TestbedFlux = _classes()
-    conf = TestbedFlux(flux_config(arch))
+    conf = TestbedFlux(params_compat(flux_config(arch)))
     conf.set_inference_dtype(torch.float32, None)
     model = conf.get_model({})
     if init:

@@ -39,7 +39,7 @@ def run(out_dir: str = "out/tiny-demo", seed: int = 0) -> dict:
     t0 = time.time()
     comfyui.bootstrap()
     model = comfyui.tiny_flux(seed=seed)
-    width = comfyui.layout_of(model.get_model_object("diffusion_model")).width
+    width = comfyui.layout_of(model).width
     g = torch.Generator().manual_seed(seed)
 
     def prompt():

@@ -98,7 +98,7 @@ def sample_maps(model, steerers: dict, positions: list[Position], positive, nega
         raise FeatureMapError(f"feature maps need an image latent [B, C, H, W], got shape {list(samples.shape)}")
     dm = model.get_model_object("diffusion_model")
     rec = MassRecorder(steerers, start, end)
-    m = recording_model(model, positions, rec, layout_of(dm))
+    m = recording_model(model, positions, rec, layout_of(model))
     out = nodes.common_ksampler(m, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)[0]
     maps = rec.maps(token_grid(dm, tuple(samples.shape[-2:])))
     if not maps:

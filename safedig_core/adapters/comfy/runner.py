@@ -29,14 +29,14 @@ class ComfyRunner:
         self.cfg, self.sampler, self.scheduler = float(cfg), sampler, scheduler
         self.latent_shape = tuple(int(s) for s in latent_shape)
         dm = model.get_model_object("diffusion_model")
-        self.layout = runtime.layout_of(dm)
+        self.layout = runtime.layout_of(model)
         self.name = name or f"{type(dm).__name__}"
         self._recording: dict = {}
         self._state = None
 
     def describe(self) -> dict:
         lay = self.layout
-        return {"runner": "comfyui", "model": self.name, "family": lay.family, "blocks": dict(lay.blocks),
+        return {"runner": "comfyui", "model": self.name, "family": lay.family, "variant": lay.variant, "blocks": dict(lay.blocks),
                 "width": lay.width, "cfg": self.cfg, "sampler": self.sampler, "scheduler": self.scheduler,
                 "latent_shape": list(self.latent_shape)}
 
@@ -81,7 +81,7 @@ class ComfyRunner:
 
 def clip_encoder(clip, family: str, negative: str = "", guidance: float = 3.5) -> Callable[[str], tuple]:
     """encode(prompt) -> (positive, negative) through a ComfyUI CLIP object; FLUX gets `guidance`."""
-    extra = {"guidance": float(guidance)} if family == "flux" else {}
+    extra = {"guidance": float(guidance)} if family in ("flux", "flux2") else {}
     neg: list = []
 
     def enc(text: str):
@@ -154,14 +154,14 @@ def runner_from_files(tiny: str | None = None, model: str | None = None, checkpo
                 if not os.path.isfile(c):
                     raise FileNotFoundError(f"text encoder file {c}: not found")
             model = comfy.sd.load_diffusion_model(path)
-            family = runtime.layout_of(model.get_model_object("diffusion_model")).family
+            family = runtime.layout_of(model).family
             ctype = comfy.sd.CLIPType.FLUX if family == "flux" else comfy.sd.CLIPType.SD3
             clip = comfy.sd.load_clip(ckpt_paths=list(clip), clip_type=ctype)
         else:
             model, clip = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=True)[:2]
             if clip is None:
                 raise CollectError(f"checkpoint {path} holds no text encoders; use --model with --clip")
-            family = runtime.layout_of(model.get_model_object("diffusion_model")).family
+            family = runtime.layout_of(model).family
         encode = clip_encoder(clip, family, negative, guidance)
         name = f"{os.path.basename(path)}#{model_fingerprint(model)}"
     cfg = cfg if cfg is not None else (1.0 if family == "flux" else 4.0)

@@ -42,18 +42,12 @@ def bootstrap(cpu: bool | None = None) -> str:
     return path
 
 
-def layout_of(diffusion_model) -> ModelLayout:
-    """The DiT layout of a ComfyUI FLUX or MMDiT diffusion model (duck-typed on its attributes)."""
-    dm = diffusion_model
-    if hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"):
-        return ModelLayout("flux", {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
-                           dm.params.hidden_size)
-    if hasattr(dm, "joint_blocks"):
-        last = dm.joint_blocks[-1].context_block
-        return ModelLayout("sd3", {"joint": len(dm.joint_blocks)}, dm.hidden_size,
-                           last_txt_absent=bool(getattr(last, "pre_only", False)))
-    raise ValueError(f"SafeDIG steers FLUX and SD3/SD3.5 (MMDiT) models; this model's diffusion model is a "
-                     f"{type(dm).__name__}")
+def layout_of(model) -> ModelLayout:
+    """The DiT layout of a ModelPatcher (preferred: its model_base class names the family and variant), a
+    model_base or a bare diffusion model; see `families`."""
+    from .families import layout_of as family_layout
+
+    return family_layout(model)
 
 
 def _init_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
@@ -84,12 +78,108 @@ def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, 
            "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
            "depth": depth, "depth_single_blocks": single, "axes_dim": axes, "theta": 10000,
            "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-    conf = comfy.supported_models.Flux(cfg)
+    conf = comfy.supported_models.Flux(params_compat(cfg))
     conf.set_inference_dtype(torch.float32, torch.float32)
     model = conf.get_model({})
     _init_weights(model.diffusion_model, seed)
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+def params_compat(cfg: dict) -> dict:
+    """`cfg` plus what the installed ComfyUI's FLUX/Chroma params require beyond 0.3.75: newer releases make
+    `txt_ids_dims` (the RoPE axes that number text tokens) a required field: none for FLUX.1 and Chroma, axis 3
+    for Flux.2, as ComfyUI's model detection sets them."""
+    import dataclasses
+
+    import comfy.ldm.chroma.model
+    import comfy.ldm.flux.model
+
+    params = comfy.ldm.chroma.model.ChromaParams if cfg.get("image_model") == "chroma" else comfy.ldm.flux.model.FluxParams
+    fields = {f.name for f in dataclasses.fields(params)}
+    out = dict(cfg)
+    if "txt_ids_dims" in fields and "txt_ids_dims" not in out:
+        out["txt_ids_dims"] = [3] if cfg.get("image_model") == "flux2" else []
+    return out
+
+
+def _patcher(conf, seed: int):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    conf.set_inference_dtype(torch.float32, torch.float32)
+    model = conf.get_model({})
+    _init_weights(model.diffusion_model, seed)
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_flux_schnell(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
+                      context_dim: int = 64, vec_dim: int = 768):
+    """A random-weight FLUX.1 schnell (no guidance embedding; ComfyUI's FluxSchnell config)."""
+    import comfy.supported_models
+
+    pe = hidden // heads
+    third = (pe * 7 // 16) // 2 * 2
+    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": vec_dim,
+           "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
+           "depth": depth, "depth_single_blocks": single, "axes_dim": [pe - 2 * third, third, third],
+           "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+    return _patcher(comfy.supported_models.FluxSchnell(params_compat(cfg)), seed)
+
+
+def tiny_chroma(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
+                context_dim: int = 64):
+    """A random-weight Chroma (FLUX.1's block layout, a distilled modulation approximator, no pooled vector;
+    16 latent channels, patch size 2: ComfyUI's Chroma config counts in_channels after patchifying, 64) in a
+    ModelPatcher."""
+    import comfy.supported_models
+
+    pe = hidden // heads
+    third = (pe * 7 // 16) // 2 * 2
+    cfg = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": context_dim,
+           "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
+           "depth_single_blocks": single, "axes_dim": [pe - 2 * third, third, third], "theta": 10000,
+           "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": hidden, "hidden_dim": 32, "n_layers": 1}
+    return _patcher(comfy.supported_models.Chroma(params_compat(cfg)), seed)
+
+
+def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
+               context_dim: int = 64):
+    """A random-weight Flux.2 (global modulation, no pooled vector, 128 latent channels at 16× downsampling,
+    patch size 1, text left-padded to 512 tokens by ComfyUI) in a ModelPatcher."""
+    import comfy.supported_models
+
+    pe = hidden // heads
+    cfg = {"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+           "context_in_dim": context_dim, "hidden_size": hidden, "mlp_ratio": 3.0, "num_heads": heads,
+           "depth": depth, "depth_single_blocks": single, "axes_dim": [pe // 4] * 4, "theta": 2000,
+           "patch_size": 1, "qkv_bias": False, "guidance_embed": True, "global_modulation": True,
+           "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
+    return _patcher(comfy.supported_models.Flux2(params_compat(cfg)), seed)
+
+
+def tiny_qwen_image(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 32, context_dim: int = 64):
+    """A random-weight Qwen-Image (double-stream blocks only, width heads × head_dim, 16-channel 5-D latent
+    [B, 16, 1, H, W], patch 2) in a ModelPatcher."""
+    import comfy.supported_models
+
+    third = (head_dim * 7 // 16) // 2 * 2
+    cfg = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+           "num_layers": layers, "attention_head_dim": head_dim, "num_attention_heads": heads,
+           "joint_attention_dim": context_dim, "axes_dims_rope": (head_dim - 2 * third, third, third)}
+    return _patcher(comfy.supported_models.QwenImage(cfg), seed)
+
+
+def tiny_wan(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, context_dim: int = 64):
+    """A random-weight Wan 2.1 text-to-video (blocks return the image stream only; text by cross-attention;
+    16-channel 5-D latent [B, 16, T, H, W], patch 1×2×2) in a ModelPatcher."""
+    import comfy.supported_models
+
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16,
+           "dim": dim, "ffn_dim": 2 * dim, "freq_dim": 256, "text_dim": context_dim, "num_heads": heads,
+           "num_layers": layers, "text_len": 512}
+    return _patcher(comfy.supported_models.WAN21_T2V(cfg), seed)
 
 
 def tiny_sd3(seed: int = 0, depth: int = 2, context_dim: int = 64, adm_dim: int = 2048):
@@ -127,18 +217,20 @@ def sample(model, positive, negative, latent: torch.Tensor, seed: int = 0, steps
 
 
 def patched(model, positions, make, layout=None):
-    """A clone of ModelPatcher `model` with one patch per block of `positions` (see patches.install),
-    and, for FLUX, the wrapper that tells the patches where image tokens end. The input model is untouched."""
+    """A clone of ModelPatcher `model` with one patch per block of `positions` (see patches.install), and,
+    for the families that need it, the wrapper that tells the patches where image tokens end. The input model
+    is untouched."""
     import comfy.patcher_extension
 
-    from .patches import WRAPPER_KEY, install, record_token_layout
+    from .families import needs_token_layout, record_token_layout
+    from .patches import WRAPPER_KEY, install
 
-    layout = layout or layout_of(model.get_model_object("diffusion_model"))
+    layout = layout or layout_of(model)
     m = model.clone()
     existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot), existing.get, positions, make)
     wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-    if layout.family == "flux" and not m.get_wrappers(wrappers, WRAPPER_KEY):
+    if needs_token_layout(layout.family) and not m.get_wrappers(wrappers, WRAPPER_KEY):
         m.add_wrapper_with_key(wrappers, WRAPPER_KEY, record_token_layout)
     return m
 

@@ -1,0 +1,85 @@
+"""The testbed's own safety dictionary, shipped in `assets/sae/` so the testbed workflow runs with nothing
+downloaded: `python -m safedig_core.testbed.dictionary` rebuilds it.
+
+It is made exactly as `safedig collect` + `safedig build` make any dictionary (the demo's steps 1-2, at the
+demo's quick sizes): the world's building prompts (never its evaluation prompts) are sampled by the committed
+testbed DiT through ComfyUI, their block outputs collected, routed, trained and adapted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from ..formats.prompts import PromptRecord
+from . import ASSETS
+
+PATH = os.path.join(ASSETS, "sae", "testbed_dictionary.safetensors")
+SIZES = {"sets": {"build_safe": 32, "build_source_per_category": 16, "build_target_per_category": 6,
+                  "build_target_safe": 6},
+         "steps": 12, "record_steps": "0,0.25,0.5,0.75", "budget": 16, "train_steps": 300, "adapt_steps": 100,
+         "batch": 512, "cfg": 3.0}
+
+
+def records(rows: list[dict]) -> list[PromptRecord]:
+    return [PromptRecord(f"{r['split']}-{i}", r["prompt"], r["label"], r["category"], r["domain"], r["seed"],
+                         {"concept": r["concept"]}) for i, r in enumerate(rows)]
+
+
+def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) -> dict:
+    from ..adapters.comfy.runner import ComfyRunner
+    from ..formats.store import ActivationStore
+    from ..pipeline.adapt import AdaptConfig
+    from ..pipeline.build import BuildConfig, build
+    from ..pipeline.collect import collect
+    from ..pipeline.train import TrainConfig
+    from . import world
+    from .model import load_testbed
+
+    model, encode_fn = load_testbed()
+    rows = world.prompt_sets(seed, **SIZES["sets"])["build"]
+    with tempfile.TemporaryDirectory(prefix="safedig-testbed-dict-") as tmp:
+        work = work or tmp
+        runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=SIZES["cfg"],
+                             latent_shape=(3, world.SIZE, world.SIZE), name="safedig-testbed")
+        res = collect(runner, records(rows), "all", os.path.join(work, "store"), SIZES["steps"],
+                      SIZES["record_steps"], SIZES["budget"], seed)
+        tcfg = TrainConfig(expansion=8, k=8, steps=SIZES["train_steps"], batch_size=SIZES["batch"], seed=seed,
+                           checkpoint_every=100)
+        acfg = AdaptConfig(steps=SIZES["adapt_steps"], batch_size=SIZES["batch"], seed=seed)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        return build(ActivationStore(res.path), out, BuildConfig(top_k=3, train=tcfg, adapt=acfg),
+                     os.path.join(work, "build"), progress=False)
+
+
+def write_prompts(folder: str, seed: int = 0) -> str:
+    """The building prompts of the shipped dictionary as `testbed_prompts.jsonl` in `folder` (e.g. ComfyUI's
+    input folder, for SafeDIG Collect Activations); an existing file is never overwritten."""
+    import json
+
+    from ..formats.atomic import write_text
+    from . import world
+
+    path = os.path.join(folder, "testbed_prompts.jsonl")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; remove it or choose another folder")
+    rows = world.prompt_sets(seed, **SIZES["sets"])["build"]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=PATH)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", metavar="FOLDER", help="only write the building prompts as FOLDER/testbed_prompts.jsonl")
+    args = ap.parse_args(argv)
+    if args.prompts:
+        print(f"wrote {write_prompts(args.prompts, args.seed)}")
+        return
+    summary = build_dictionary(args.out, args.seed)
+    print(f"wrote {args.out}: positions {summary['positions']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""FLUX.1 (dev, schnell), Chroma, Flux.2, Qwen-Image and Wan 2.1 in the real ComfyUI: tiny random-weight models,
+real KSampler runs.
+
+Chroma and Flux.2 subclass ComfyUI's Flux model and carry its block attributes; the family comes from the
+model's class, and a dictionary made on one is refused on another with a message naming both.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_dictionary
+
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.adapters.comfy.families import identify
+from safedig_core.adapters.comfy.patches import SharedSteerers
+from safedig_core.formats.dictionary import DictionaryError
+from safedig_core.positions import PositionError, parse
+from safedig_core.steering import SteeringConfig
+
+pytestmark = pytest.mark.comfy
+
+W = 64
+# family -> (builder, variant, latent shape, pooled width or None, guidance, text tokens in the DiT)
+MODELS = {
+    "flux": (comfyui.tiny_flux, "Flux", (16, 8, 8), 768, 3.5, 8),
+    "flux-schnell": (comfyui.tiny_flux_schnell, "FluxSchnell", (16, 8, 8), 768, None, 8),
+    "chroma": (comfyui.tiny_chroma, "Chroma", (16, 8, 8), None, 0.0, 8),
+    "flux2": (comfyui.tiny_flux2, "Flux2", (128, 4, 4), None, 3.5, 512),  # ComfyUI left-pads Flux.2 text to 512
+    "qwen_image": (comfyui.tiny_qwen_image, "QwenImage", (16, 1, 8, 8), None, None, 8),
+    "wan": (comfyui.tiny_wan, "WAN21_T2V", (16, 1, 8, 8), None, None, 8),
+}
+BLOCKS = {"qwen_image": {"double": 2}, "wan": {"double": 2}}
+POSITIONS = {"qwen_image": ["double.0.img", "double.0.txt", "double.1.img"], "wan": ["double.0.img", "double.1.img"]}
+FLUX_STYLE = ["double.0.img", "double.1.txt", "single.0.img", "single.0.txt"]
+
+
+def positions_of(name: str) -> list[str]:
+    return POSITIONS.get(name, FLUX_STYLE)
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    return {name: spec[0](seed=3) for name, spec in MODELS.items()}
+
+
+def family_of(name: str) -> str:
+    return name.split("-")[0]
+
+
+def conds(name: str):
+    _, _, _, pooled, guidance, _ = MODELS[name]
+    g = torch.Generator().manual_seed(5)
+    extra = {} if guidance is None else {"guidance": guidance}
+
+    def one(scale):
+        y = None if pooled is None else torch.randn(1, pooled, generator=g) * scale
+        return comfyui.conditioning(torch.randn(1, 8, 64, generator=g) * scale, y, **extra)
+
+    return one(1.0), one(0.1)
+
+
+def run(model, name: str, steps: int = 2) -> torch.Tensor:
+    shape = MODELS[name][2]
+    pos, neg = conds(name)
+    with torch.inference_mode():  # as ComfyUI's executor runs KSampler
+        return comfyui.sample(model, pos, neg, torch.zeros(1, *shape), seed=7, steps=steps, cfg=2.0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_family_and_variant_come_from_the_model_class(models, name):
+    model = models[name]
+    family, variant = family_of(name), MODELS[name][1]
+    assert identify(model) == (family, variant)
+    layout = comfyui.layout_of(model)
+    blocks = BLOCKS.get(name, {"double": 2, "single": 2})
+    assert (layout.family, layout.variant, layout.width, layout.blocks) == (family, variant, W, blocks)
+    assert [str(p) for p in layout.positions()] == [
+        f"{k}.{i}.{s}" for k in blocks for i in range(blocks[k]) for s in ("img", "txt")
+        if s == "img" or (family != "wan" and not (k == list(blocks)[-1] and i == blocks[k] - 1))]
+    dm = model.get_model_object("diffusion_model")
+    if "single" in blocks:  # what used to make every one of them "flux"
+        assert hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
+    # a bare diffusion model has only its ldm class: Flux.2 shares FLUX.1's, so it reads as FLUX there
+    assert identify(dm)[0] == ("flux" if family == "flux2" else family)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_positions_and_token_counts_in_a_ksampler_run(models, name):
+    shape, txt = MODELS[name][2], MODELS[name][5]
+    patch = models[name].get_model_object("diffusion_model").patch_size
+    patch = patch[-1] if isinstance(patch, tuple) else patch
+    img = (shape[-1] // patch) ** 2
+    seen = {}
+
+    def record(p, x, to):
+        seen.setdefault(str(p), set()).add(tuple(x.shape))
+
+    m = comfyui.recording_model(models[name], [parse(n) for n in positions_of(name)], record)
+    run(m, name)
+    assert seen == {n: {(2, txt if n.endswith("txt") else img, W)} for n in positions_of(name)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(models, name):
+    model, family = models[name], family_of(name)
+    before = dict(model.model_options["transformer_options"])
+    base = run(model, name)
+    positions = [parse(n) for n in positions_of(name)]
+
+    def steered(fire: bool, cfg: SteeringConfig) -> torch.Tensor:
+        d = make_dictionary(family, W, positions_of(name), fire=fire)
+        store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
+        d.check_layout(comfyui.layout_of(model))
+        return run(comfyui.steer_model(model, store, positions, cfg), name)
+
+    full = SteeringConfig(blend=1.0, repel=1.0, threshold=0.0)
+    assert torch.equal(steered(True, SteeringConfig(blend=0.0, repel=0.0)), base), "α = β = 0 must be the identity"
+    assert torch.equal(steered(False, full), base), "nothing fires, so nothing may change"
+    assert (steered(True, full) - base).abs().max() > 1e-3, "firing harmful latents must steer"
+    assert model.model_options["transformer_options"] == before and torch.equal(run(model, name), base)
+
+
+@pytest.mark.parametrize("made, model_name, message", [
+    ("flux", "chroma", r"made for FLUX, but the model is CHROMA \(Chroma\)"),
+    ("chroma", "flux", r"made for CHROMA, but the model is FLUX \(Flux\)"),
+    ("flux", "flux2", r"made for FLUX, but the model is FLUX2 \(Flux2\)"),
+    ("flux2", "flux", r"made for FLUX2, but the model is FLUX \(Flux\)"),
+    ("flux", "qwen_image", r"made for FLUX, but the model is QWEN_IMAGE \(QwenImage\)"),
+    ("qwen_image", "wan", r"made for QWEN_IMAGE, but the model is WAN \(WAN21_T2V\)"),
+])
+def test_a_dictionary_is_refused_on_another_family(models, made, model_name, message):
+    """Same block counts and widths: only the family tells them apart."""
+    d = make_dictionary(made, W, ["double.0.img"])
+    with pytest.raises(DictionaryError, match=message):
+        d.check_layout(comfyui.layout_of(models[model_name]))
+
+
+def test_a_dictionary_is_refused_on_another_variant_and_accepted_on_its_own(models):
+    d = make_dictionary("flux", W, ["double.0.img"])
+    d.variant = "FluxSchnell"
+    with pytest.raises(DictionaryError, match=r"made for FLUX \(FluxSchnell\), but the model is FLUX \(Flux\)"):
+        d.check_layout(comfyui.layout_of(models["flux"]))
+    d.check_layout(comfyui.layout_of(models["flux-schnell"]))
+    d.variant = None  # a dictionary that names no variant fits every variant of its family
+    d.check_layout(comfyui.layout_of(models["flux"]))
+
+
+def test_wan_has_no_text_positions(models):
+    layout = comfyui.layout_of(models["wan"])
+    with pytest.raises(PositionError, match=r"double\.0\.txt: WAN blocks return no txt stream"):
+        layout.check(parse("double.0.txt"))
