@@ -61,12 +61,12 @@ class SafeDIGApplySteering(io.ComfyNode):
                                 tooltip="'all' or a comma list of the dictionary's positions, e.g. double.7.img, single.12.img"),
                 io.Boolean.Input("preserve_norm", default=False,
                                  tooltip="Rescale each steered token to its original norm"),
-                io.Combo.Input("gate", options=list(GATES), default="per token",
+                io.Combo.Input("gate", options=list(GATES), default="per token", optional=True,
                                tooltip="per token: steer each token whose own harmful mass exceeds τ. per image: "
                                        "decide once per image (and per prompt/negative half): when its strongest "
                                        "token exceeds τ × the dictionary's per-image unit, steer every token of it "
                                        "that carries harmful activity"),
-                io.Combo.Input("detect_at", options=list(DETECT_AT), default="each position",
+                io.Combo.Input("detect_at", options=list(DETECT_AT), default="each position", optional=True,
                                tooltip="Per-image gate only: where the decision is made. each position: every "
                                        "position decides for itself. text/image positions: the steered text "
                                        "(or image) stream positions decide, and every steered position of the "
