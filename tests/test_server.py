@@ -37,6 +37,8 @@ APPLY_INPUTS = [
     ("apply_to", "COMBO", {"default": "both"}),
     ("positions", "STRING", {"default": "all"}),
     ("preserve_norm", "BOOLEAN", {"default": False}),
+    ("gate", "COMBO", {"default": "per token"}),
+    ("detect_at", "COMBO", {"default": "each position"}),
 ]
 STEER = {"blend": 1.0, "repel": 1.0, "threshold": 0.0, "start_percent": 0.0, "end_percent": 1.0,
          "apply_to": "both", "positions": "all", "preserve_norm": False}
@@ -79,10 +81,14 @@ def execution_error(entry: dict) -> dict:
     return errors[0]
 
 
+OPTIONAL = {"gate", "detect_at"}  # added after workflows were saved: optional, so older API prompts still run
+
+
 def check_inputs(info: dict, expected: list):
     specs = input_specs(info)
     assert list(specs) == [name for name, _, _ in expected], "input names or order differ"
-    assert list(info["input"]) == ["required"], "every SafeDIG input is required; none optional or hidden"
+    assert set(info["input"]) <= {"required", "optional"}, "no hidden inputs"
+    assert set(info["input"].get("optional", {})) <= OPTIONAL, "only inputs added later are optional"
     for name, kind, opts in expected:
         spec = specs[name]
         assert input_type(spec) == kind, f"{name}: {spec}"
