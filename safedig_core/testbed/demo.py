@@ -251,7 +251,7 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
     acfg = AdaptConfig(steps=size["adapt_steps"], batch_size=size["batch"], seed=seed)
     dict_path = os.path.join(out_dir, "testbed_dictionary.safetensors")
     summary = build(store, dict_path, BuildConfig(top_k=3, train=tcfg, adapt=acfg), os.path.join(work, "build"),
-                    progress=False)
+                    progress=False, overwrite=True)
     routed = summary["positions"]
     best_fixed = summary["routing"]["best_fixed"]
     shutil.copyfile(os.path.join(work, "build", "routing.png"), os.path.join(out_dir, "routing.png"))
@@ -263,7 +263,7 @@ def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, log=print
     else:
         fixed_path = os.path.join(work, "fixed_layer.safetensors")
         build(store, fixed_path, BuildConfig(positions=[best_fixed], train=tcfg, adapt=acfg),
-              os.path.join(work, "fixed"), progress=False)
+              os.path.join(work, "fixed"), progress=False, overwrite=True)
         fixed = _dictionary_store(fixed_path)
     retrain_path = _calibrated(store, _full_retrain(store, routed, os.path.join(work, "build"), tcfg))
     source_path = _calibrated(store, os.path.join(work, "build", SOURCE_DICTIONARY))
