@@ -14,7 +14,6 @@ import os
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
-import folder_paths
 
 from ..safedig_core.adapters.comfy.runner import ComfyRunner, clip_encoder, model_fingerprint
 from ..safedig_core.adapters.comfy.runtime import layout_of
