@@ -130,7 +130,9 @@ def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> 
         for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ()):
             tensors[f"{p}.{name}"] = getattr(e.sae, name).detach().to("cpu", dtype).contiguous()
     with replacing(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o777  # the umask's: save_file would leave its own 0600
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(_metadata(d))})
+        os.chmod(tmp, mode)
 
 
 def _fail(path, msg):
@@ -189,7 +191,7 @@ def read_metadata(path: str) -> dict:
     if version != FORMAT_VERSION:
         _fail(path, f"unknown format version {quoted(version)} (this SafeDIG reads version {FORMAT_VERSION}; "
                     "upgrade SafeDIG or re-export the dictionary)")
-    if meta.get("family") not in FAMILIES:
+    if not isinstance(meta.get("family"), str) or meta["family"] not in FAMILIES:
         _fail(path, f"unknown model family {quoted(meta.get('family'))} (expected one of {', '.join(FAMILIES)})")
     if not isinstance(meta.get("positions"), dict) or not meta["positions"]:
         _fail(path, "the dictionary names no positions")
@@ -253,14 +255,14 @@ def load(path: str) -> SafetyDictionary:
             if d * L > MAX_MATRIX:
                 _fail(path, f"position {p}: {L} latents × width {d} is over the limit of {MAX_MATRIX} weights per matrix")
             act = pm.get("activation", "topk")
-            if act not in ACTIVATIONS:
+            if not isinstance(act, str) or act not in ACTIVATIONS:
                 _fail(path, f"position {p}: unknown activation {quoted(act)} (expected one of {', '.join(ACTIVATIONS)})")
             k = _int(pm, "k", path, p) if act == "topk" or pm.get("k") is not None else 1
             if act == "topk" and k > L:
                 _fail(path, f"position {p}: k={k} exceeds the {L} latents")
             scale = _number(pm, "scale", "activation scale", path, p, 1.0, *SCALE_RANGE)
             norm = pm.get("normalize", "none")
-            if norm not in NORMALIZATIONS:
+            if not isinstance(norm, str) or norm not in NORMALIZATIONS:
                 _fail(path, f"position {p}: unknown input normalisation {quoted(norm)} "
                             f"(expected one of {', '.join(NORMALIZATIONS)})")
             shapes = {"W_enc": (L, d), "b_enc": (L,), "W_dec": (L, d), "b_dec": (d,)}
