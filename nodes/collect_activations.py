@@ -26,7 +26,6 @@ from . import paths
 from .api import CATEGORY, io
 
 
-
 def read_prompts(prompt_file: str):
     """The prompt records of a file in ComfyUI's input folder; errors quote nothing from the file."""
     path = paths.input_file(prompt_file)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from node_exec import FakeClip, run_node
+
 from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.adapters.comfy.runner import tiny_encoder
 from safedig_core.formats.dictionary import load

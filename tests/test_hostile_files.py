@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, make_dictionary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import REPO, make_dictionary
 from safedig_core.formats import dictionary
 from safedig_core.formats.dictionary import DictionaryError
 from safedig_core.formats.prompts import PromptError, load_prompts

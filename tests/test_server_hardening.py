@@ -49,7 +49,7 @@ def collect_prompt(prompt_file: str, output_name: str, steps: int = 3) -> dict:
 
 def build_prompt(store: str, name: str, overwrite: bool = False, seed: int = 0) -> dict:
     return {"1": {"class_type": "SafeDIGBuildDictionary", "inputs": {
-        "store": store, "dictionary_name": name, "positions": 1, "train_steps": 30, "adapt_steps": 10,
+        "store": store, "dictionary_name": name, "routed_positions": 1, "train_steps": 30, "adapt_steps": 10,
         "expansion": 2, "k": 4, "batch_size": 64, "seed": seed, "overwrite": overwrite}}}
 
 

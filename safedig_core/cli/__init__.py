@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..formats.messages import shorten
 from . import adapt, build, collect, convert, demo, evaluate, inspect, plot, route, train
 from .args import MESSAGE_LIMIT, Parser
 from .common import UserError
-from ..formats.messages import shorten
 
 COMMANDS = (inspect, demo, route, collect, convert, evaluate, plot, train, adapt, build)
 

@@ -5,8 +5,8 @@ from ..formats.dictionary import read_metadata
 from ..pipeline import distributed
 from ..pipeline.adapt import RESCORE_MODES, AdaptConfig, adapt_store
 from ..positions import parse, parse_list
-from .common import StopFlag, open_store
 from . import args as A
+from .common import StopFlag, open_store
 
 
 def add_cli(sub) -> None:

@@ -8,8 +8,8 @@ from ..pipeline import distributed
 from ..pipeline.adapt import AdaptConfig
 from ..pipeline.build import BuildConfig, build
 from ..pipeline.train import TrainConfig
-from .common import StopFlag, UserError, check_sae_size, open_store
 from . import args as A
+from .common import StopFlag, UserError, check_sae_size, open_store
 
 
 def run(args) -> None:

@@ -9,8 +9,8 @@ from ..formats.prompts import summary as prompt_summary
 from ..formats.store import ActivationStore, summary
 from ..pipeline import distributed
 from ..pipeline.collect import collect
-from .common import StopFlag
 from . import args as A
+from .common import StopFlag
 
 
 def add_cli(sub) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from ..pipeline import routing
 from ..formats import store
+from ..pipeline import routing
 from . import args as A
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 
 from ..pipeline import distributed
+from ..pipeline.build import store_fingerprint
 from ..pipeline.harmful import HarmfulConfig
 from ..pipeline.train import TrainConfig, train_store
 from ..positions import parse_list
-from ..pipeline.build import store_fingerprint
-from .common import StopFlag, check_sae_size, open_store
 from . import args as A
+from .common import StopFlag, check_sae_size, open_store
 
 
 def add_cli(sub) -> None:
