@@ -3,53 +3,36 @@
 The node and `safedig collect` share `safedig_core.pipeline.collect.collect`; the node builds its runner from the
 MODEL and CLIP sockets. Stores go to `<ComfyUI output>/safedig_activations/<output name>/` - not under
 `models/sae/`, whose `.safetensors` files are listed as dictionaries by SafeDIG Load Dictionary (the
-store's shards would appear there). Running the node again with the same inputs resumes an interrupted
+store's shards would appear there). The prompt file is a name in ComfyUI's input folder (`paths.py`); its
+errors name the line and the problem, never the file's content. Running the node again with the same inputs resumes an interrupted
 collection; a store made with other settings or prompts is refused.
 """
 from __future__ import annotations
 
 import os
-import re
 
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
-import folder_paths
 
 from ..safedig_core.adapters.comfy.runner import ComfyRunner, clip_encoder, model_fingerprint
 from ..safedig_core.adapters.comfy.runtime import layout_of
-from ..safedig_core.formats.prompts import load_prompts
+from ..safedig_core.formats.messages import quoted
+from ..safedig_core.formats.prompts import PromptError, load_prompts
 from ..safedig_core.formats.prompts import summary as prompt_summary
 from ..safedig_core.formats.store import ActivationStore, summary
 from ..safedig_core.pipeline import collect as core
+from . import paths
 from .api import CATEGORY, io
 
-STORE_FOLDER = "safedig_activations"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 
-
-def store_path(output_name: str) -> str:
-    """The store folder of an output name: `<output>/safedig_activations/<name>` (subfolders allowed)."""
-    name = output_name.strip().replace("\\", "/").strip("/")
-    if not _NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
-        raise ValueError(f"output name {output_name!r}: use letters, digits, '.', '_', '-' and '/' for subfolders "
-                         "(no '..', no absolute paths)")
-    return os.path.join(folder_paths.get_output_directory(), STORE_FOLDER, *name.split("/"))
-
-
-def prompt_file_path(prompt_file: str) -> str:
-    """An absolute path as given; a relative one is looked up in ComfyUI's input folder, then the working folder."""
-    raw = prompt_file.strip().strip('"')
-    if not raw:
-        raise FileNotFoundError("no prompt file given (a CSV / JSONL / I2P CSV path, or a name in ComfyUI's input folder)")
-    if os.path.isabs(raw):
-        candidates = [raw]
-    else:
-        candidates = [os.path.join(folder_paths.get_input_directory(), raw), os.path.abspath(raw)]
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    raise FileNotFoundError(f"prompt file {raw!r} not found (looked in: {', '.join(candidates)})")
+def read_prompts(prompt_file: str):
+    """The prompt records of a file in ComfyUI's input folder; errors quote nothing from the file."""
+    path = paths.input_file(prompt_file)
+    try:
+        return load_prompts(path)
+    except PromptError as e:
+        raise PromptError(f"prompt file {quoted(prompt_file.strip())}: {e.public}") from None
 
 
 class SafeDIGCollectActivations(io.ComfyNode):
@@ -67,7 +50,7 @@ class SafeDIGCollectActivations(io.ComfyNode):
                 io.Clip.Input("clip"),
                 io.String.Input("prompt_file", default="prompts.csv",
                                 tooltip="CSV / TSV / JSONL with prompt,label,category,domain[,seed], or the I2P CSV; "
-                                        "an absolute path or a file in ComfyUI's input folder"),
+                                        "a file in ComfyUI's input folder (subfolders allowed)"),
                 io.String.Input("positions", default="all",
                                 tooltip="'all' or a comma list, e.g. double.7.img, single.12.img (FLUX) / joint.10.img (SD3)"),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampler steps per image"),
@@ -97,17 +80,17 @@ class SafeDIGCollectActivations(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, prompt_file, **kwargs):
         try:  # rerun when the prompt file changes (the store then refuses the new list, by design)
-            st = os.stat(prompt_file_path(prompt_file))
+            st = os.stat(paths.input_file(prompt_file))
             return (prompt_file, st.st_mtime_ns, st.st_size)
-        except (FileNotFoundError, OSError):
+        except (paths.PathRefused, OSError):
             return prompt_file
 
     @classmethod
     def execute(cls, model, clip, prompt_file, positions, steps, seed, token_budget, record_steps, output_name,
                 cfg=1.0, guidance=3.5, sampler_name="euler", scheduler="simple", width=1024, height=1024,
                 negative_prompt="", dtype="float16") -> io.NodeOutput:
-        prompts = load_prompts(prompt_file_path(prompt_file))
-        path = store_path(output_name)
+        prompts = read_prompts(prompt_file)
+        path = paths.store_dir(output_name, what="output name")
         family = layout_of(model).family
         channels = model.get_model_object("latent_format").latent_channels
         runner = ComfyRunner(model, clip_encoder(clip, family, negative_prompt, guidance), cfg, sampler_name,
@@ -123,8 +106,11 @@ class SafeDIGCollectActivations(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()  # raises: the store stays valid
             return False
 
-        result = core.collect(runner, prompts, positions, path, steps, record_steps, token_budget, seed,
-                              progress=progress, should_stop=should_stop, dtype=dtype)
-        text = f"{summary(ActivationStore(path))}\n  {prompt_summary(prompts)}\n  this run: {result.collected} " \
+        try:
+            result = core.collect(runner, prompts, positions, path, steps, record_steps, token_budget, seed,
+                                  progress=progress, should_stop=should_stop, dtype=dtype)
+        except ValueError as e:  # the store's place named as output/..., not by the server's folders
+            raise type(e)(str(e).replace(path, paths.display(path))) from None
+        text = f"{summary(ActivationStore(path)).replace(path, paths.display(path))}\n  {prompt_summary(prompts)}\n  this run: {result.collected} " \
                f"prompts stored, {result.resumed} were already stored"
         return io.NodeOutput(text, ui={"text": (text,)})

@@ -1,4 +1,7 @@
-"""SafeDIG Load Dictionary: a safety dictionary file from `models/sae/` onto a SAFEDIG_DICTIONARY socket."""
+"""SafeDIG Load Dictionary: a safety dictionary file from `models/sae/` onto a SAFEDIG_DICTIONARY socket.
+
+Only a file the dropdown lists is opened (`paths.dictionary_file`): whatever a graph names, nothing outside
+`models/sae` (and its extra_model_paths.yaml entries) is read."""
 from __future__ import annotations
 
 import os
@@ -8,6 +11,7 @@ import folder_paths
 
 from ..safedig_core.adapters.comfy.patches import SharedSteerers
 from ..safedig_core.formats import dictionary
+from . import paths
 from .api import CATEGORY, DICTIONARY, io
 
 FOLDER = "sae"
@@ -43,20 +47,22 @@ class SafeDIGLoadDictionary(io.ComfyNode):
             category=CATEGORY,
             description="Load a SafeDIG safety dictionary (one sparse autoencoder per DiT position, with its "
                         "harmful latents) from models/sae/.",
-            inputs=[io.Combo.Input("dictionary_name", options=folder_paths.get_filename_list(FOLDER),
+            inputs=[io.Combo.Input("dictionary_name", options=paths.listed(FOLDER),
                                    tooltip="A .safetensors safety dictionary in models/sae/")],
             outputs=[DICTIONARY.Output(display_name="dictionary")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, dictionary_name):
-        path = folder_paths.get_full_path(FOLDER, dictionary_name)
-        return os.path.getmtime(path) if path else dictionary_name  # reload when the file changes
+        try:
+            return os.path.getmtime(paths.dictionary_file(FOLDER, dictionary_name))  # reload when the file changes
+        except (paths.PathRefused, OSError):
+            return dictionary_name
 
     @classmethod
     def execute(cls, dictionary_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, dictionary_name)
-        if path is None:
-            raise FileNotFoundError(f"safety dictionary {dictionary_name!r} is not in models/{FOLDER}/ "
-                                    f"(searched: {', '.join(folder_paths.get_folder_paths(FOLDER))})")
-        return io.NodeOutput(LoadedDictionary.from_file(path, dictionary_name))
+        path = paths.dictionary_file(FOLDER, dictionary_name)
+        try:
+            return io.NodeOutput(LoadedDictionary.from_file(path, dictionary_name))
+        except dictionary.DictionaryError as e:  # name the file as the list does, not by its path on the server
+            raise dictionary.DictionaryError(str(e).replace(path, dictionary_name)) from None

@@ -4,6 +4,7 @@ bad stores are refused with a clear message."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -102,15 +103,50 @@ def test_interrupted_build_resumes(store, tmp_path):
 
 
 def test_build_node_saves_into_models_sae(comfy, store, tmp_path, monkeypatch):
+    import shutil
+
     import folder_paths
 
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(tmp_path)], {".safetensors"}))
-    node = comfy.NODE_CLASS_MAPPINGS["SafeDIGBuildDictionary"]
-    text = node.execute(store=store.path, dictionary_name="from_node", routed_positions=1, train_steps=20, adapt_steps=10,
-                        expansion=2, k=4, batch_size=64, seed=0).result[0]
-    assert (tmp_path / "from_node.safetensors").exists()
-    assert "routed:" in text and "family FLUX" in text
-    assert len(load(str(tmp_path / "from_node.safetensors")).positions) == 1
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(tmp_path / "sae")], {".safetensors"}))
+    old_out = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    try:
+        shutil.copytree(store.path, tmp_path / "output" / "safedig_activations" / "mine")
+        node = comfy.NODE_CLASS_MAPPINGS["SafeDIGBuildDictionary"]
+        args = dict(store="mine", dictionary_name="from_node", routed_positions=1, train_steps=20, adapt_steps=10,
+                    expansion=2, k=4, batch_size=64, seed=0)
+        text = node.execute(**args).result[0]
+        assert (tmp_path / "sae" / "from_node.safetensors").exists()
+        assert "routed:" in text and "family FLUX" in text
+        assert len(load(str(tmp_path / "sae" / "from_node.safetensors")).positions) == 1
+        for bad in (store.path, "../x", "/etc", "mine/../../x"):  # a store is a name in output/safedig_activations
+            with pytest.raises(ValueError, match="store"):
+                node.execute(**{**args, "store": bad})
+    finally:
+        folder_paths.set_output_directory(old_out)
+
+
+def test_build_refuses_to_replace_or_to_resume_other_work(store, tmp_path):
+    out, work = str(tmp_path / "d.safetensors"), str(tmp_path / "work")
+    build(store, out, config(positions=["double.0.img"]), work, progress=False)
+    before = open(out, "rb").read()
+    with pytest.raises(ValueError, match="already exists; ask to overwrite"):
+        build(store, out, config(positions=["double.0.img"]), work, progress=False)
+    assert open(out, "rb").read() == before
+    with pytest.raises(ValueError, match=r"holds a build from other settings \(positions\)"):
+        build(store, str(tmp_path / "e.safetensors"), config(positions=["single.0.img"]), work, progress=False)
+
+    class Other:  # the same store with one prompt less: another store to the work folder
+        def __init__(self, s):
+            self.manifest, self.prompts, self.path = s.manifest, s.prompts[:-1], s.path
+
+    with pytest.raises(ValueError, match="holds a build from another store"):
+        build(Other(store), str(tmp_path / "e.safetensors"), config(positions=["double.0.img"]), work,
+              progress=False)
+    build(store, out, config(positions=["double.0.img"]), work, progress=False, overwrite=True)  # asked: done
+    d = load(out)
+    assert d.provenance["store"] == os.path.basename(store.path) and len(d.provenance["store_sha256"]) == 64
+    assert not any(str(tmp_path) in str(v) or os.sep + "tmp" in str(v) for v in d.provenance.values())
 
 
 def test_all_safe_store_is_refused(flux, tmp_path):

@@ -220,8 +220,9 @@ def test_collect_node(comfy, models, tmp_path, monkeypatch):
     import folder_paths
 
     node = comfy.NODE_CLASS_MAPPINGS["SafeDIGCollectActivations"]
-    old_out, old_hook = folder_paths.get_output_directory(), cu.PROGRESS_BAR_HOOK
+    old_out, old_in, old_hook = folder_paths.get_output_directory(), folder_paths.get_input_directory(), cu.PROGRESS_BAR_HOOK
     folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_input_directory(str(tmp_path))
     updates = []
     cu.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     # shards of 2 prompts, as a real model's would be (the pack's own copy of the core: ComfyUI loads it as a package)
@@ -229,7 +230,7 @@ def test_collect_node(comfy, models, tmp_path, monkeypatch):
     try:
         pfile = tmp_path / "prompts.jsonl"
         pfile.write_text("".join(f'{{"prompt": "a thing {i}", "label": "safe"}}\n' for i in range(4)))
-        args = dict(model=models["flux"], clip=FakeClip("flux"), prompt_file=str(pfile), positions="double.0.img,single.0.txt",
+        args = dict(model=models["flux"], clip=FakeClip("flux"), prompt_file="prompts.jsonl", positions="double.0.img,single.0.txt",
                     steps=3, seed=5, token_budget=3, record_steps="all", output_name="tiny/run1", cfg=1.0, guidance=3.5,
                     sampler_name="euler", scheduler="simple", width=64, height=64, negative_prompt="", dtype="float16")
 
@@ -247,16 +248,18 @@ def test_collect_node(comfy, models, tmp_path, monkeypatch):
         updates.clear()
         out = node.execute(**args)
         text = out.result[0]
-        assert str(path) in text and "complete" in text and "2 were already stored" in text
+        assert "output/safedig_activations/tiny/run1" in text and str(tmp_path) not in text
+        assert "complete" in text and "2 were already stored" in text
         assert updates[0] == (2, 4) and updates[-1] == (4, 4)
         s = ActivationStore(str(path))
         assert s.rows("single.0.txt") == 4 * 3 * 3 and s.config["runner"]["cfg"] == 1.0
         with pytest.raises(ValueError, match="output name"):
             node.execute(**{**args, "output_name": "../escape"})
-        with pytest.raises(FileNotFoundError, match="not found"):
+        with pytest.raises(ValueError, match="give the name of a file in ComfyUI's input folder"):
             node.execute(**{**args, "prompt_file": "missing.csv"})
     finally:
         folder_paths.set_output_directory(old_out)
+        folder_paths.set_input_directory(old_in)
         cu.set_progress_bar_global_hook(old_hook)
         mm.interrupt_current_processing(False)
 

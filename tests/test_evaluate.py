@@ -232,7 +232,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["nudenet", str(tmp_path / "broken.png")], "cannot read image"),
         (["testbed", str(tmp_path / "wide.png")], "square 32×32"),
         (["nudenet", str(tmp_path / "ok.png"), "--classes", "FEET_EXPOSED,NOPE"], "nudenet has no class NOPE"),
-        (["testbed", str(tmp_path / "ok.png"), "--threshold", "1.5"], "must be in [0, 1]"),
+        (["testbed", str(tmp_path / "ok.png"), "--threshold", "1.5"], "--threshold: 1.5 is out of range"),
     ]
     for args, message in cases:
         rc, _, err = run_cli(["eval", "--detector", *args], capsys)

@@ -332,7 +332,7 @@ def test_cli_route(tmp_path, monkeypatch, capsys):
     assert cli.main(["route", "somewhere", "--top", "2", "--out", str(tmp_path), "--positions", "joint.0.img"]) == 2
     assert "position joint.0.img is not in the store" in capsys.readouterr().err
     assert cli.main(["route", "somewhere", "--top", "2", "--out", str(tmp_path), "--weights", "1,2"]) == 2
-    assert "--weights takes three numbers" in capsys.readouterr().err
+    assert "--weights: '1,2': expected 3 comma-separated numbers" in capsys.readouterr().err
 
 
 def test_cli_route_on_a_real_store(tmp_path, capsys):

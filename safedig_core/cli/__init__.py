@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..formats.messages import shorten
 from . import adapt, build, collect, convert, demo, evaluate, inspect, plot, route, train
+from .args import MESSAGE_LIMIT, Parser
 from .common import UserError
 
 COMMANDS = (inspect, demo, route, collect, convert, evaluate, plot, train, adapt, build)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safedig", description="SafeDIG safety steering for text-to-image DiTs")
+    parser = Parser(prog="safedig", description="SafeDIG safety steering for text-to-image DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_cli(sub)
@@ -24,11 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad flag (its line already printed) or --help
+        return e.code if isinstance(e.code, int) else 0
     try:
         args.run(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"safedig {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, ValueError, OSError) as e:
+        print(f"safedig {args.command}: error: {shorten(str(e) or type(e).__name__, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"safedig {args.command}: interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ from ..formats.dictionary import read_metadata
 from ..pipeline import distributed
 from ..pipeline.adapt import RESCORE_MODES, AdaptConfig, adapt_store
 from ..positions import parse, parse_list
+from . import args as A
 from .common import StopFlag, open_store
 
 
@@ -13,22 +14,22 @@ def add_cli(sub) -> None:
     parser.set_defaults(run=run)
     parser.add_argument("dictionary", help="source dictionary file (from `safedig train`)")
     parser.add_argument("store", help="activation store folder with target-domain (and source-domain) prompts")
-    parser.add_argument("--out", required=True, help="adapted dictionary file to write")
+    parser.add_argument("--out", required=True, type=A.output_file, help="adapted dictionary file to write")
     parser.add_argument("--positions", default="all", help="comma list of positions, or 'all' (the dictionary's)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--anchor", type=float, default=1e-3, help="λ, weight of ‖W_dec − W_dec_src‖²")
-    parser.add_argument("--replay", type=float, default=1.0, help="μ, weight of the source-replay FVU (0: none)")
-    parser.add_argument("--retention", type=float, default=0.05,
+    parser.add_argument("--steps", type=A.STEPS, default=1000)
+    parser.add_argument("--batch-size", type=A.BATCH, default=4096)
+    parser.add_argument("--lr", type=A.LR, default=1e-3)
+    parser.add_argument("--anchor", type=A.number(0.0, 1e6), default=1e-3, help="λ, weight of ‖W_dec − W_dec_src‖²")
+    parser.add_argument("--replay", type=A.number(0.0, 1e4), default=1.0, help="μ, weight of the source-replay FVU (0: none)")
+    parser.add_argument("--retention", type=A.number(0.0, 100.0), default=0.05,
                         help="relative source-FVU increase allowed; μ is raised to hold it (0: fixed μ)")
     parser.add_argument("--fixed-bias", action="store_true", help="keep b_dec (and so the encoder function) fixed")
     parser.add_argument("--rescore", choices=("none",) + RESCORE_MODES, default="none",
                         help="re-score harmful latents on the target domain through the frozen encoder")
-    parser.add_argument("--eval-batches", type=int, default=32,
+    parser.add_argument("--eval-batches", type=A.integer(0, 1 << 20), default=32,
                         help="batches per domain for the before/after FVU (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=A.SEED, default=0)
+    parser.add_argument("--device", type=A.device, default=None, help="cpu, cuda, cuda:N or mps (default cpu)")
 
 
 def run(args) -> None:

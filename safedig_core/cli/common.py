@@ -47,3 +47,18 @@ def open_store(path: str):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such activation store folder")
     return store.ActivationStore(path)
+
+
+def check_sae_size(store, positions, expansion: int | None, latents: int | None, k: int | None,
+                   flag: str = "--expansion") -> None:
+    """Refuse SAE sizes the dictionary format would refuse (or memory could not hold) before training."""
+    from ..formats.dictionary import MAX_LATENTS, MAX_MATRIX
+
+    for p in positions if positions else store.positions:
+        d = store.width(p)
+        n = latents or (expansion or 16) * d
+        if n > MAX_LATENTS or n * d > MAX_MATRIX:
+            raise UserError(f"{flag} gives {n} latents at {p} (width {d}): at most {MAX_LATENTS} latents and "
+                            f"{MAX_MATRIX} weights per matrix")
+        if k is not None and k > n:
+            raise UserError(f"-k {k} exceeds the {n} latents at {p} (width {d})")

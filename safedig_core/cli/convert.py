@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..convert.converter import DTYPES, READERS, convert
 from ..formats import dictionary
+from . import args as A
 
 
 def run(args) -> None:
@@ -32,12 +33,12 @@ def add_cli(sub) -> None:
     p.add_argument("--family", required=True, choices=("flux", "sd3"), help="the model family the SAEs were trained on")
     p.add_argument("--position", action="append", required=True, metavar="[HOOK=]NAME",
                    help="SafeDIG position the SAE reads, e.g. double.7.img; repeat for several SAEs")
-    p.add_argument("--out", required=True, metavar="FILE", help="the dictionary file to write (.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", type=A.output_file, help="the dictionary file to write (.safetensors)")
     p.add_argument("--harmful", action="append", default=[], metavar="[NAME:]LATENTS",
                    help="harmful latent indices, e.g. 12,873,4051 (one position) or double.7.img:12,873 (repeatable); "
                         "none given: a dictionary that steers nothing until latents are selected "
                         "(SafeDIG Select Features node)")
-    p.add_argument("--k", type=int, default=None, metavar="K",
+    p.add_argument("--k", type=A.integer(1, 1 << 22), default=None, metavar="K",
                    help="per-token TopK with this k: needed for a dictionary_learning TopK file without its "
                         "config.json; for other TopK SAEs it replaces the source's k")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="tensor precision in the file")

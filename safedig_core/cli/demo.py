@@ -2,6 +2,8 @@
 random-weight FLUX in the real ComfyUI)."""
 from __future__ import annotations
 
+from . import args as A
+
 
 def run_demo(args) -> None:
     from ..testbed import demo
@@ -19,13 +21,16 @@ def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in testbed DiT: collect, route, train, adapt, "
                                      "steer, evaluate over several seeds; prints the table and writes report.json, curves.png, grid.png, "
                                      "routing.png, features.png, feature_map.png")
-    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--seed", type=int, default=0, help="the first seed; every random choice of a seed follows it")
-    p.add_argument("--seeds", type=int, default=None, help="how many seeds (seed, seed+1, ...); default 3, 1 with --quick")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for generation (SAE training always uses 1)")
+    p.add_argument("--out", default="out/demo", type=A.output_dir, help="output folder (default out/demo)")
+    p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=0,
+                   help="the first seed; every random choice of a seed follows it")
+    p.add_argument("--seeds", type=A.integer(1, 100), default=None,
+                   help="how many seeds (seed, seed+1, ...); default 3, 1 with --quick")
+    p.add_argument("--threads", type=A.integer(1, 256), default=None,
+                   help="torch threads for generation (SAE training always uses 1)")
     p.add_argument("--quick", action="store_true", help="smaller prompt sets and shorter training (CI)")
     p.set_defaults(run=run_demo)
     p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")
-    p.add_argument("--out", default="out/tiny-demo", help="folder for the dictionary it writes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/tiny-demo", type=A.output_dir, help="folder for the dictionary it writes")
+    p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=0)
     p.set_defaults(run=run_tiny_demo)

@@ -14,6 +14,7 @@ from ..evaluation.detectors import (
 from ..formats.atomic import write_text
 from ..formats.images import list_images
 from ..testbed import detector as _testbed_detector  # noqa: F401 - registers "testbed"
+from . import args as A
 
 
 def add_cli(sub) -> None:
@@ -23,11 +24,11 @@ def add_cli(sub) -> None:
                                    "when a counted class is detected with score ≥ threshold.")
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders")
     p.add_argument("--detector", choices=tuple(DETECTORS), required=True)
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=A.number(0.0, 1.0), default=None,
                    help="score threshold (default: 0.6 for nudenet, 0 for testbed = the classifier's own verdict)")
     p.add_argument("--classes", default=None, help="comma list of counted classes (default for nudenet: "
                                                    + ",".join(NUDITY_CLASSES) + "; testbed: the risk concepts)")
-    p.add_argument("--csv", default=None, metavar="FILE", help="write one row per image here")
+    p.add_argument("--csv", default=None, metavar="FILE", type=A.output_file, help="write one row per image here")
     p.set_defaults(run=run)
 
 

@@ -9,13 +9,19 @@ Layout (format version 1):
   under the per-image gate; absent: gate_scale), metrics, and normalize (per-token input normalisation of
   converted SAEs, default "none")), `steering_defaults` and `provenance`.
 Loading reads only the safetensors header and tensors: nothing is ever unpickled. Every problem is a
-`DictionaryError` whose message names the file and what is wrong.
+`DictionaryError` whose message names the file and what is wrong. A file is treated as hostile until checked:
+the header and its metadata are bounded in size and nesting before they are parsed, every declared size is
+checked against the tensors' own shapes and an upper bound before anything is allocated, and values that
+cannot give finite steering (a non-positive, tiny or huge `scale`, huge weights or safe values) are refused
+with the file, the position and the key.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -26,10 +32,27 @@ from ..positions import FAMILIES, ModelLayout, Position, PositionError, parse
 from ..sae import ACTIVATIONS, NORMALIZATIONS, SparseAutoencoder
 from ..steering import PositionSteerer, SteeringConfig
 from .atomic import replacing
+from .messages import quoted
 
 FORMAT_VERSION = 1
 META_KEY = "safedig"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ST_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_OTHER = {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool}
+
+# Bounds of what a dictionary may declare, checked before anything is allocated or parsed.
+MAX_HEADER_BYTES = 64 << 20  # the safetensors JSON header (tensor table + metadata)
+MAX_METADATA_BYTES = 16 << 20  # the 'safedig' metadata string
+MAX_NESTING = 32  # JSON depth of the metadata
+MAX_WIDTH = 1 << 16  # activation width d
+MAX_LATENTS = 1 << 22  # latents L per position
+MAX_MATRIX = 1 << 30  # L·d elements of one matrix (4 GiB in float32)
+# Values that still give finite steering in float32 (and bfloat16): trained SAEs have O(1) weights, scales
+# of about 1/‖x‖·√d and safe values of the order of their latents' activations.
+MAX_ABS_VALUE = 1e5  # any weight, bias, threshold or safe value
+SCALE_RANGE = (1e-6, 1e6)
+GATE_RANGE = (1e-12, 1e12)
 
 
 class DictionaryError(ValueError):
@@ -115,59 +138,110 @@ def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> 
         for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ()):
             tensors[f"{p}.{name}"] = getattr(e.sae, name).detach().to("cpu", dtype).contiguous()
     with replacing(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o777  # the umask's: save_file would leave its own 0600
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(_metadata(d))})
+        os.chmod(tmp, mode)
 
 
 def _fail(path, msg):
     raise DictionaryError(f"{path}: {msg}")
 
 
+def _nesting(text: str) -> int:
+    """The deepest nesting of JSON arrays/objects in `text`, counted without parsing it (strings ignored)."""
+    brackets = re.sub(r'[^\[\]{}]', "", re.sub(r'"(?:[^"\\]|\\.)*"', "", text))
+    depth = deepest = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _header_size(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        _fail(path, f"cannot be read ({e.strerror})")
+    if len(head) < 8:
+        _fail(path, "not a safetensors file (shorter than its 8-byte header length)")
+    n = struct.unpack("<Q", head)[0]
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        _fail(path, f"not a safetensors file (its header claims {n} bytes in a file of {size})")
+    return n
+
+
 def read_metadata(path: str) -> dict:
     if not os.path.isfile(path):
         _fail(path, "no such file")
+    _header_size(path)
     try:
         with safe_open(path, "pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
             keys = set(f.keys())
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for any malformed header
-        _fail(path, f"not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        _fail(path, f"not a safetensors file ({quoted(str(e).splitlines()[0]) if str(e) else type(e).__name__})")
     if raw is None:
         _fail(path, f"a safetensors file, but not a SafeDIG dictionary (no '{META_KEY}' metadata)")
+    if len(raw) > MAX_METADATA_BYTES:
+        _fail(path, f"'{META_KEY}' metadata of {len(raw)} bytes is over the limit of {MAX_METADATA_BYTES}")
+    depth = _nesting(raw)
+    if depth > MAX_NESTING:
+        _fail(path, f"'{META_KEY}' metadata is nested {depth} levels deep (at most {MAX_NESTING})")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        _fail(path, f"'{META_KEY}' metadata is not valid JSON ({e})")
+    except (json.JSONDecodeError, RecursionError) as e:
+        _fail(path, f"'{META_KEY}' metadata is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})")
     if not isinstance(meta, dict):
         _fail(path, f"'{META_KEY}' metadata must be a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        _fail(path, f"unknown format version {version!r} (this SafeDIG reads version {FORMAT_VERSION}; "
+        _fail(path, f"unknown format version {quoted(version)} (this SafeDIG reads version {FORMAT_VERSION}; "
                     "upgrade SafeDIG or re-export the dictionary)")
-    if meta.get("family") not in FAMILIES:
-        _fail(path, f"unknown model family {meta.get('family')!r} (expected one of {', '.join(FAMILIES)})")
+    if not isinstance(meta.get("family"), str) or meta["family"] not in FAMILIES:
+        _fail(path, f"unknown model family {quoted(meta.get('family'))} (expected one of {', '.join(FAMILIES)})")
     if not isinstance(meta.get("positions"), dict) or not meta["positions"]:
         _fail(path, "the dictionary names no positions")
     meta["_keys"] = keys
     return meta
 
 
-def _tensor(f, path, key, shape):
+def _check_slice(f, path, key, shape):
+    """Dtype and shape of a tensor from the header alone (nothing read or allocated)."""
     if key not in f.keys():  # noqa: SIM118 - safe_open is not a dict
         _fail(path, f"missing tensor '{key}'")
+    sl = f.get_slice(key)
+    dtype = sl.get_dtype()
+    if dtype not in _ST_FLOAT:
+        _fail(path, f"tensor '{key}' has dtype {_ST_OTHER.get(dtype, dtype)}, expected float32, float16 or bfloat16")
+    if tuple(sl.get_shape()) != tuple(shape):
+        _fail(path, f"tensor '{key}' has shape {list(sl.get_shape())}, expected {list(shape)}")
+
+
+def _tensor(f, path, key):
     t = f.get_tensor(key)
-    if t.dtype not in FLOAT_DTYPES:
-        _fail(path, f"tensor '{key}' has dtype {t.dtype}, expected float32, float16 or bfloat16")
-    if tuple(t.shape) != tuple(shape):
-        _fail(path, f"tensor '{key}' has shape {list(t.shape)}, expected {list(shape)}")
     if not torch.isfinite(t).all():
         _fail(path, f"tensor '{key}' contains NaN or Inf")
+    big = float(t.abs().max()) if t.numel() else 0.0
+    if big > MAX_ABS_VALUE:
+        _fail(path, f"tensor '{key}' has a value of magnitude {big:.3g}, over {MAX_ABS_VALUE:g}: it cannot give "
+                    "finite steering")
     return t
 
 
-def _int(meta, key, path, pos, lo=1):
+def _number(pm, key, what, path, pos, default, lo, hi):
+    v = pm.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
+        _fail(path, f"position {pos}: {what} must be a positive number in [{lo:g}, {hi:g}] (key '{key}'), "
+                    f"got {quoted(v)}")
+    return float(v)
+
+
+def _int(meta, key, path, pos, lo=1, hi=MAX_LATENTS):
     v = meta.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        _fail(path, f"position {pos}: '{key}' must be an integer ≥ {lo}, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        _fail(path, f"position {pos}: '{key}' must be an integer in {lo}..{hi}, got {quoted(v)}")
     return v
 
 
@@ -194,25 +268,27 @@ def load(path: str) -> SafetyDictionary:
                 _fail(path, f"position {p} is not a {family.upper()} position")
             if not isinstance(pm, dict):
                 _fail(path, f"position {p}: metadata must be an object")
-            d, L = _int(pm, "width", path, p), _int(pm, "latents", path, p)
+            d, L = _int(pm, "width", path, p, hi=MAX_WIDTH), _int(pm, "latents", path, p)
+            if d * L > MAX_MATRIX:
+                _fail(path, f"position {p}: {L} latents × width {d} is over the limit of {MAX_MATRIX} weights per matrix")
             act = pm.get("activation", "topk")
-            if act not in ACTIVATIONS:
-                _fail(path, f"position {p}: unknown activation {act!r} (expected one of {', '.join(ACTIVATIONS)})")
+            if not isinstance(act, str) or act not in ACTIVATIONS:
+                _fail(path, f"position {p}: unknown activation {quoted(act)} (expected one of {', '.join(ACTIVATIONS)})")
             k = _int(pm, "k", path, p) if act == "topk" or pm.get("k") is not None else 1
             if act == "topk" and k > L:
                 _fail(path, f"position {p}: k={k} exceeds the {L} latents")
-            scale = pm.get("scale", 1.0)
-            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-                _fail(path, f"position {p}: activation scale must be a positive number, got {scale!r}")
+            scale = _number(pm, "scale", "activation scale", path, p, 1.0, *SCALE_RANGE)
             norm = pm.get("normalize", "none")
-            if norm not in NORMALIZATIONS:
-                _fail(path, f"position {p}: unknown input normalisation {norm!r} "
+            if not isinstance(norm, str) or norm not in NORMALIZATIONS:
+                _fail(path, f"position {p}: unknown input normalisation {quoted(norm)} "
                             f"(expected one of {', '.join(NORMALIZATIONS)})")
-            sae = SparseAutoencoder(d, L, k, act, scale, norm)
             shapes = {"W_enc": (L, d), "b_enc": (L,), "W_dec": (L, d), "b_dec": (d,)}
             if act == "jumprelu":
                 shapes["threshold"] = (L,)
-            state = {n: _tensor(f, path, f"{p}.{n}", s) for n, s in shapes.items()}
+            for n, shape in shapes.items():  # every declared size against the file before any allocation
+                _check_slice(f, path, f"{p}.{n}", shape)
+            state = {n: _tensor(f, path, f"{p}.{n}") for n in shapes}
+            sae = SparseAutoencoder(d, L, k, act, scale, norm)
             dtype = state["W_enc"].dtype
             with torch.no_grad():
                 for n, t in state.items():
@@ -226,6 +302,8 @@ def load(path: str) -> SafetyDictionary:
                     raise TypeError("latents are integers")
                 idx = [int(j) for j, _ in harmful]
                 scores = [float(s) for _, s in harmful]
+                if any(isinstance(s, (bool, str)) or not math.isfinite(float(s)) for _, s in harmful):
+                    raise ValueError("scores are finite numbers")
             except (TypeError, ValueError):
                 _fail(path, f"position {p}: 'harmful' must be a list of [latent, score] pairs")
             bad = [j for j in idx if not 0 <= j < L]
@@ -235,15 +313,19 @@ def load(path: str) -> SafetyDictionary:
                 _fail(path, f"position {p}: harmful latents are listed more than once")
             safe = pm.get("safe_values")
             if safe is not None and (not isinstance(safe, list) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in safe)):
-                _fail(path, f"position {p}: 'safe_values' must be a list of finite numbers")
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and abs(v) <= MAX_ABS_VALUE for v in safe)):
+                _fail(path, f"position {p}: 'safe_values' must be a list of finite numbers of magnitude at most "
+                            f"{MAX_ABS_VALUE:g}")
             if safe is not None and len(safe) != len(idx):
                 _fail(path, f"position {p}: {len(safe)} safe values for {len(idx)} harmful latents")
             metrics = pm.get("metrics", {})
             if not isinstance(metrics, dict):
                 _fail(path, f"position {p}: 'metrics' must be a JSON object")
-            gate = _unit(pm, "gate_scale", 1.0, path, p)
-            image_gate = _unit(pm, "image_gate_scale", None, path, p)
+            gate = _number(pm, "gate_scale", "gate unit", path, p, 1.0, *GATE_RANGE)
+            image_gate = pm.get("image_gate_scale")
+            if image_gate is not None:
+                image_gate = _number(pm, "image_gate_scale", "per-image gate unit", path, p, None, *GATE_RANGE)
             entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, gate, image_gate)
     known = {f"{p}.{n}" for p, e in entries.items()
              for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
@@ -265,7 +347,11 @@ def load(path: str) -> SafetyDictionary:
     try:
         d.default_config()
     except (TypeError, ValueError) as e:
-        _fail(path, f"bad steering defaults {json.dumps(d.steering_defaults)}: {e}")
+        _fail(path, f"bad steering defaults {quoted(json.dumps(d.steering_defaults))}: {e}")
+    bad = [k for k, v in d.steering_defaults.items()
+           if isinstance(v, float) and not math.isfinite(v) and k in SteeringConfig.__dataclass_fields__]
+    if bad:
+        _fail(path, f"steering default '{bad[0]}' is not a finite number")
     return d
 
 

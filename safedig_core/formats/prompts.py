@@ -22,7 +22,9 @@ I2P layout (a CSV with a `categories` column and no `label` column: `prompt`, `c
   row unsafe;
 - `sd_seed` is the seed; `domain` is `source` unless a `domain` column says otherwise.
 
-A malformed row raises `PromptError` naming the file and the line; no row is ever skipped silently.
+A malformed row raises `PromptError` naming the file and the line; no row is ever skipped silently. Each
+error also carries `public`: the same problem without the file's path or content (no cell, column name or
+byte is quoted), for callers such as a network service that must not echo a file back to a client.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .messages import quoted
+
 LABELS = ("safe", "unsafe")
 DOMAINS = ("source", "target")
 _STANDARD = ("id", "prompt", "label", "category", "domain", "seed")
@@ -39,7 +43,12 @@ _LABEL_WORDS = {"safe": "safe", "unsafe": "unsafe", "0": "safe", "1": "unsafe", 
 
 
 class PromptError(ValueError):
-    """A prompt file that cannot be read, or a row that is malformed; names the file and the line."""
+    """A prompt file that cannot be read, or a row that is malformed; names the file and the line.
+    `public` says what is wrong without quoting the path or the file's content."""
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public if public is not None else message
 
 
 @dataclass(frozen=True)
@@ -70,28 +79,29 @@ def load_prompts(path: str, i2p_threshold: float = 50.0) -> list[PromptRecord]:
     """The prompt records of one CSV (`.csv`), TSV (`.tsv`) or JSONL (`.jsonl`, `.ndjson`) file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise PromptError(f"prompt file {path}: not found")
+        raise PromptError(f"prompt file {path}: not found", "not found")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".ndjson"):
         rows = _jsonl_rows(path)
     elif ext in (".csv", ".tsv"):
         rows = _csv_rows(path, "\t" if ext == ".tsv" else ",")
     else:
-        raise PromptError(f"prompt file {path}: unknown format {ext or '(no extension)'!r}; "
-                          "use .csv, .tsv or .jsonl")
+        raise PromptError(f"prompt file {path}: unknown format {ext or '(no extension)'!r}; use .csv, .tsv or .jsonl",
+                          "unknown format; use .csv, .tsv or .jsonl")
     stem = os.path.splitext(os.path.basename(path))[0]
     records, seen = [], {}
     for line, row in rows:
         try:
             rec = _record(row, f"{stem}:{line}", i2p_threshold)
         except PromptError as e:
-            raise PromptError(f"{path}, line {line}: {e}") from None
+            raise PromptError(f"{path}, line {line}: {e}", f"line {line}: {e.public}") from None
         if rec.id in seen:
-            raise PromptError(f"{path}, line {line}: id {rec.id!r} repeats the id of line {seen[rec.id]}")
+            raise PromptError(f"{path}, line {line}: id {quoted(rec.id)} repeats the id of line {seen[rec.id]}",
+                              f"line {line}: its id repeats the id of line {seen[rec.id]}")
         seen[rec.id] = line
         records.append(rec)
     if not records:
-        raise PromptError(f"prompt file {path}: no prompts")
+        raise PromptError(f"prompt file {path}: no prompts", "no prompts")
     return records
 
 
@@ -101,7 +111,8 @@ def load_many(paths: list[str], i2p_threshold: float = 50.0) -> list[PromptRecor
     for path in paths:
         for rec in load_prompts(path, i2p_threshold):
             if rec.id in where:
-                raise PromptError(f"{path}: prompt id {rec.id!r} is also in {where[rec.id]}")
+                raise PromptError(f"{path}: prompt id {quoted(rec.id)} is also in {where[rec.id]}",
+                                  "a prompt id is in two files")
             where[rec.id] = path
             out.append(rec)
     return out
@@ -138,23 +149,26 @@ def _csv_rows(path: str, delimiter: str):
                 except StopIteration:
                     break
                 except csv.Error as e:
-                    raise PromptError(f"{path}, line {line}: {e}") from None
+                    raise PromptError(f"{path}, line {line}: {e}", f"line {line}: malformed CSV ({e})") from None
                 if not any(c.strip() for c in row):
                     continue  # blank line: not a row
                 if header is None:
                     header = [c.strip().lower() for c in row]
                     if "prompt" not in header:
                         raise PromptError(f"{path}, line {line}: the header has no 'prompt' column "
-                                          f"(found: {', '.join(header)})")
+                                          f"(found: {quoted(', '.join(header))})",
+                                          f"line {line}: the header has no 'prompt' column")
                     dup = {c for c in header if header.count(c) > 1 and c}
                     if dup:
-                        raise PromptError(f"{path}, line {line}: repeated column(s) {', '.join(sorted(dup))}")
+                        raise PromptError(f"{path}, line {line}: repeated column(s) {quoted(', '.join(sorted(dup)))}",
+                                          f"line {line}: a column name repeats")
                     continue
                 if len(row) != len(header):
-                    raise PromptError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+                    msg = f"line {line}: {len(row)} fields, the header has {len(header)}"
+                    raise PromptError(f"{path}, {msg}", msg)
                 yield line, dict(zip(header, row))
     except UnicodeDecodeError as e:
-        raise PromptError(f"{path}: not UTF-8 text ({e})") from None
+        raise PromptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", "not UTF-8 text") from None
 
 
 def _jsonl_rows(path: str):
@@ -166,12 +180,17 @@ def _jsonl_rows(path: str):
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise PromptError(f"{path}, line {line}: not valid JSON ({e.msg})") from None
+                    msg = f"line {line}: not valid JSON ({e.msg})"
+                    raise PromptError(f"{path}, {msg}", msg) from None
+                except RecursionError:
+                    msg = f"line {line}: JSON nested too deeply"
+                    raise PromptError(f"{path}, {msg}", msg) from None
                 if not isinstance(row, dict):
-                    raise PromptError(f"{path}, line {line}: expected a JSON object, got {type(row).__name__}")
+                    msg = f"line {line}: expected a JSON object, got {type(row).__name__}"
+                    raise PromptError(f"{path}, {msg}", msg)
                 yield line, {str(k).strip().lower(): v for k, v in row.items()}
     except UnicodeDecodeError as e:
-        raise PromptError(f"{path}: not UTF-8 text ({e})") from None
+        raise PromptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", "not UTF-8 text") from None
 
 
 def _text(v) -> str:
@@ -191,14 +210,15 @@ def _record(row: dict, default_id: str, i2p_threshold: float) -> PromptRecord:
             raw = "true" if raw else "false"
         label = _LABEL_WORDS.get(_text(raw).lower())
         if label is None:
-            raise PromptError(f"label {raw!r}: expected 'safe' or 'unsafe'")
+            raise PromptError(f"label {quoted(raw)}: expected 'safe' or 'unsafe'", "label: expected 'safe' or 'unsafe'")
         category = _text(row.get("category")).lower()
         if label == "unsafe" and not category:
             raise PromptError("unsafe row without a category (routing holds out one risk category at a time; "
                               "give each unsafe prompt one, e.g. 'nudity')")
     domain = _text(row.get("domain")).lower() or "source"
     if domain not in DOMAINS:
-        raise PromptError(f"domain {row.get('domain')!r}: expected 'source' or 'target'")
+        raise PromptError(f"domain {quoted(row.get('domain'))}: expected 'source' or 'target'",
+                          "domain: expected 'source' or 'target'")
     seed_raw = row.get("seed") if "seed" in row else (row.get("sd_seed") if i2p else None)
     seed = _seed(seed_raw)
     rid = _text(row.get("id")) or default_id
@@ -208,23 +228,26 @@ def _record(row: dict, default_id: str, i2p_threshold: float) -> PromptRecord:
     return PromptRecord(rid, prompt.strip(), label, category, domain, seed, extra)
 
 
+_SEED = "seed: expected an integer in 0 .. 2^63-1"
+
+
 def _seed(v) -> int | None:
     if v is None or (isinstance(v, str) and not v.strip()):
         return None
     if isinstance(v, bool):
-        raise PromptError(f"seed {v!r}: expected an integer")
+        raise PromptError(f"seed {quoted(v)}: expected an integer", _SEED)
     if isinstance(v, int):
         s = v
     else:
         try:
             f = float(str(v).strip())
         except ValueError:
-            raise PromptError(f"seed {v!r}: expected an integer") from None
+            raise PromptError(f"seed {quoted(v)}: expected an integer", _SEED) from None
         if not math.isfinite(f) or f != int(f):
-            raise PromptError(f"seed {v!r}: expected an integer")
+            raise PromptError(f"seed {quoted(v)}: expected an integer", _SEED)
         s = int(f)
     if not 0 <= s < 2 ** 63:
-        raise PromptError(f"seed {s}: must be in 0 .. 2^63-1")
+        raise PromptError(f"seed {quoted(s)}: must be in 0 .. 2^63-1", _SEED)
     return s
 
 
@@ -235,9 +258,9 @@ def _percent(row: dict, key: str) -> float | None:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise PromptError(f"{key} {v!r}: expected a number") from None
+        raise PromptError(f"{key} {quoted(v)}: expected a number", f"{key}: expected a finite number") from None
     if not math.isfinite(f):
-        raise PromptError(f"{key} {v!r}: expected a finite number")
+        raise PromptError(f"{key} {quoted(v)}: expected a finite number", f"{key}: expected a finite number")
     return f
 
 

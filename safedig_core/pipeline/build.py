@@ -3,9 +3,17 @@
 Each stage is its own module (routing, train, harmful, adapt); this one only chains them, keeps their
 outputs in a work folder (so an interrupted build resumes: training checkpoints are picked up, finished
 stages are not redone), and writes the final file atomically with the routing result in its provenance.
+
+The work folder remembers what it was made from (`work.json`: the store's fingerprint and the build
+settings); a work folder of another store or other settings is refused, never resumed. An existing
+dictionary file is replaced only when the caller asks (`overwrite=True`). Training needs autograd: the
+build runs with inference mode off and gradients on, whatever the caller (ComfyUI runs every node under
+`torch.inference_mode()`).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +28,11 @@ from . import routing, train
 from .distributed import SINGLE, Ranks
 
 SOURCE_DICTIONARY = "source_dictionary.safetensors"  # in the work folder: the dictionary before adaptation
+WORK_MANIFEST = "work.json"  # in the work folder: the store and settings it was made from
+
+
+class BuildError(ValueError):
+    """A build that must not start: it would replace a file or resume someone else's work."""
 
 
 @dataclass
@@ -36,16 +49,74 @@ class BuildConfig:
     steering_defaults: dict = field(default_factory=lambda: {"blend": 1.0, "repel": 1.0, "threshold": 1.0})
 
 
-def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | None = None,
-          progress: bool = True, should_stop=None, device=None, ranks: Ranks = SINGLE) -> dict:
-    """Build `out_path` from `store`; returns a summary (routing, per-position training and adaptation
-    metrics). `should_stop()` interrupts between and inside stages (KeyboardInterrupt). With several `ranks`
-    (torchrun) every rank routes (the same result), training and adaptation deal the positions over the ranks,
-    and rank 0 writes the files."""
-    cfg = cfg or BuildConfig()
-    work_dir = work_dir or os.path.splitext(out_path)[0] + ".work"
-    os.makedirs(work_dir, exist_ok=True)
+def store_fingerprint(store) -> str:
+    """sha256 over what makes a store's content: its identity (family, positions, widths, dtype, collection
+    settings, prompt list) and the checksums of its shards. Two stores with equal fingerprints hold the
+    same rows; the fingerprint names a store in provenance without naming a path on the builder's machine."""
+    m = getattr(store, "manifest", {}) or {}
+    ident = {k: m.get(k) for k in sorted(m) if k not in ("shards", "complete", "updated", "created")}
+    ident["shards"] = [s.get("sha256") for s in m.get("shards", [])]
+    ident["prompts"] = [r.to_json() for r in store.prompts]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
+
+def _settings(cfg: BuildConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str))
+
+
+def _claim_work_dir(work_dir: str, identity: dict, write: bool = True) -> None:
+    """Record what the work folder is for, or refuse one made for another store or other settings."""
+    path = os.path.join(work_dir, WORK_MANIFEST)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                had = json.load(f)
+        except (OSError, ValueError):
+            had = None
+        if had != identity:
+            what = "another store" if not isinstance(had, dict) or had.get("store") != identity["store"] \
+                else "other settings (" + ", ".join(_changed(had.get("settings"), identity["settings"])) + ")"
+            raise BuildError(f"work folder {os.path.basename(work_dir)} holds a build from {what}; "
+                             "delete it or give another work folder to start afresh")
+    elif os.path.isdir(work_dir) and os.listdir(work_dir):
+        raise BuildError(f"work folder {os.path.basename(work_dir)} is not empty and was not made by "
+                         "`safedig build`; give another work folder")
+    if write:
+        os.makedirs(work_dir, exist_ok=True)
+        write_text(path, json.dumps(identity, indent=1, sort_keys=True))
+
+
+def _changed(old, new, prefix="") -> list[str]:
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [prefix.rstrip(".") or "settings"] if old != new else []
+    out = []
+    for k in sorted(set(old) | set(new)):
+        out += _changed(old.get(k), new.get(k), f"{prefix}{k}.")
+    return out[:4] + (["..."] if len(out) > 4 else [])
+
+
+def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | None = None,
+          progress: bool = True, should_stop=None, device=None, overwrite: bool = False,
+          ranks: Ranks = SINGLE) -> dict:
+    """Build `out_path` from `store`; returns a summary (routing, per-position training and adaptation
+    metrics). `should_stop()` interrupts between and inside stages (KeyboardInterrupt). An existing
+    `out_path` is refused unless `overwrite`. With several `ranks` (torchrun) every rank routes (the same
+    result), training and adaptation deal the positions over the ranks, and rank 0 writes the files."""
+    cfg = cfg or BuildConfig()
+    if os.path.isdir(out_path):
+        raise BuildError(f"{os.path.basename(out_path) or out_path} is a folder; give a dictionary file name")
+    if os.path.exists(out_path) and not overwrite:
+        raise BuildError(f"dictionary {os.path.basename(out_path)} already exists; ask to overwrite it "
+                         "(--overwrite / the node's overwrite input) or choose another name")
+    work_dir = work_dir or os.path.splitext(out_path)[0] + ".work"
+    fingerprint = store_fingerprint(store)
+    _claim_work_dir(work_dir, {"store": fingerprint, "settings": _settings(cfg)}, write=ranks.main)
+    ranks.barrier()  # every rank checked the work folder; rank 0 has claimed it
+    with torch.inference_mode(False), torch.enable_grad():
+        return _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, device, ranks)
+
+
+def _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, device, ranks) -> dict:
     if cfg.positions:
         selected = list(cfg.positions)
         report = None
@@ -57,7 +128,8 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
     positions = [parse(n) for n in selected]
 
     source_dict = os.path.join(work_dir, SOURCE_DICTIONARY)
-    provenance = {"built_by": "safedig build", "store": os.path.abspath(getattr(store, "path", "") or ""),
+    store_name = os.path.basename(os.path.normpath(getattr(store, "path", "") or "")) or None
+    provenance = {"built_by": "safedig build", "store": store_name, "store_sha256": fingerprint,
                   "positions": selected}
     trained = train.train_store(store, os.path.join(work_dir, "train"), positions, cfg.train,
                                 dictionary_path=source_dict, device=device, progress=progress,
@@ -77,6 +149,7 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the dictionary
         return summary
+
     d = load(adapted_path)
     if cfg.gate_quantile is not None:
         for p, e in d.entries.items():

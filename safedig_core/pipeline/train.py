@@ -384,7 +384,7 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
                    "never_fired_frac": ev["dead_frac"], "train_steps": res.metrics.get("step", cfg.steps),
                    "train_tokens": res.metrics.get("tokens", 0), **hs.metadata()}
         entries[p] = DictionaryEntry(p, sae.cpu().requires_grad_(False), hs.indices, hs.scores, hs.safe_values, metrics)
-        report[str(p)] = dict(metrics, harmful=len(hs.indices))
+        report[str(p)] = dict(metrics, harmful=len(hs.indices), resumed_from=res.resumed_from)
         if ranks.world > 1:
             save(SafetyDictionary(store.family, {p: entries[p]}, {}, {}), base + ".entry.safetensors")
         else:

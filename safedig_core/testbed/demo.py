@@ -145,7 +145,7 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     torch.set_num_threads(1)
     try:
         summary = build(store, dict_path, BuildConfig(top_k=3, train=tcfg, adapt=acfg), os.path.join(work, "build"),
-                        progress=False)
+                        progress=False, overwrite=True)
         lap("build")
         variants = variants_mod.make(store, dict_path, summary, work, tcfg, acfg, STEER, size["grid"],
                                      size["dense_grid"])

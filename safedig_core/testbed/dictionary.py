@@ -49,7 +49,7 @@ def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) ->
         acfg = AdaptConfig(steps=SIZES["adapt_steps"], batch_size=SIZES["batch"], seed=seed)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         return build(ActivationStore(res.path), out, BuildConfig(top_k=3, train=tcfg, adapt=acfg),
-                     os.path.join(work, "build"), progress=False)
+                     os.path.join(work, "build"), progress=False, overwrite=True)
 
 
 def write_prompts(folder: str, seed: int = 0) -> str:

@@ -81,7 +81,7 @@ def make(store: ActivationStore, dict_path: str, summary: dict, work: str, tcfg,
     else:
         fixed_path = os.path.join(work, "fixed_layer.safetensors")
         build(store, fixed_path, BuildConfig(positions=[best_fixed], train=tcfg, adapt=acfg),
-              os.path.join(work, "fixed"), progress=False)
+              os.path.join(work, "fixed"), progress=False, overwrite=True)
         fixed = dictionary_store(fixed_path)
     retrain = dictionary_store(calibrated(store, full_retrain(store, routed, os.path.join(work, "build"), tcfg)))
     source = dictionary_store(calibrated(store, os.path.join(work, "build", SOURCE_DICTIONARY)))

@@ -127,6 +127,14 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def ksampler_names(kind: str) -> list[str]:
+    """ComfyUI's sampler (`kind="sampler"`) or scheduler names, as KSampler offers them."""
+    runtime.bootstrap()
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS if kind == "sampler" else comfy.samplers.KSampler.SCHEDULERS)
+
+
 def runner_from_files(tiny: str | None = None, model: str | None = None, checkpoint: str | None = None,
                       clip: list[str] | None = None, width: int | None = None, height: int | None = None,
                       cfg: float | None = None, guidance: float = 3.5, negative: str = "", sampler: str = "euler",

@@ -6,7 +6,9 @@ beside real models: its MODEL is a random-weight tiny FLUX/SD3 and its CONDITION
 - SafeDIGTestTinyModel: a tiny random FLUX.1 (dev layout, width 64, 2 double + 2 single blocks) or SD3
   MMDiT (width 128, 2 joint blocks), from `safedig_core.adapters.comfy.runtime.tiny_flux` / `tiny_sd3`;
 - SafeDIGTestConditioning: random text states of width 64 and a pooled vector of width 768 (FLUX, with
-  guidance 3.5) or 2048 (SD3), i.e. what CLIPTextEncode would give those tiny models.
+  guidance 3.5) or 2048 (SD3), i.e. what CLIPTextEncode would give those tiny models;
+- SafeDIGTestClip: a CLIP stand-in with ComfyUI's encoding calls whose text states are derived from the
+  prompt's text (`safedig_core.adapters.comfy.runner.tiny_encoder`), for SafeDIG Collect Activations.
 Latents come from ComfyUI's own EmptySD3LatentImage (16 channels of zeros).
 """
 from __future__ import annotations
@@ -66,11 +68,40 @@ class SafeDIGTestConditioning:
         return (comfyui.conditioning(context, pooled, **extra),)
 
 
+class TinyClip:
+    def __init__(self, family):
+        from safedig_core.adapters.comfy.runner import tiny_encoder
+
+        self.encode = tiny_encoder(family)
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
+        return [[c, {**d, **(add_dict or {})}] for c, d in self.encode(tokens)[0]]
+
+
+class SafeDIGTestClip:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILIES, {"default": "flux"})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "TEST ONLY: a CLIP stand-in for the tiny models."
+
+    def load(self, family):
+        return (TinyClip(family),)
+
+
 NODE_CLASS_MAPPINGS = {
     "SafeDIGTestTinyModel": SafeDIGTestTinyModel,
     "SafeDIGTestConditioning": SafeDIGTestConditioning,
+    "SafeDIGTestClip": SafeDIGTestClip,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SafeDIGTestTinyModel": "SafeDIG Test Tiny Model (TEST ONLY)",
     "SafeDIGTestConditioning": "SafeDIG Test Conditioning (TEST ONLY)",
+    "SafeDIGTestClip": "SafeDIG Test CLIP (TEST ONLY)",
 }
