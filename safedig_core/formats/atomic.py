@@ -70,3 +70,15 @@ def remove_stale(path: str) -> None:
             if name.startswith(prefix) and name.endswith(suffix):
                 with suppress(OSError):
                     os.remove(os.path.join(folder, name))
+
+
+def write_safetensors(path: str, tensors: dict, metadata: dict[str, str]) -> str:
+    """A safetensors file written atomically with the umask's permissions (safetensors' own `save_file` leaves
+    0600, which hides a shared dictionary or checkpoint from the other users of a server)."""
+    from safetensors.torch import save_file
+
+    with replacing(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o777
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+    return path

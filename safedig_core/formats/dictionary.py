@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..positions import FAMILIES, ModelLayout, Position, PositionError, parse
 from ..sae import ACTIVATIONS, NORMALIZATIONS, SparseAutoencoder
 from ..steering import PositionSteerer, SteeringConfig
-from .atomic import replacing
+from .atomic import write_safetensors
 from .messages import quoted
 
 FORMAT_VERSION = 1
@@ -137,10 +136,7 @@ def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> 
             raise DictionaryError(f"{path}: position {p} has {len(e.harmful)} harmful latents but {len(e.scores)} scores")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ()):
             tensors[f"{p}.{name}"] = getattr(e.sae, name).detach().to("cpu", dtype).contiguous()
-    with replacing(path) as tmp:
-        mode = os.stat(tmp).st_mode & 0o777  # the umask's: save_file would leave its own 0600
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(_metadata(d))})
-        os.chmod(tmp, mode)
+    write_safetensors(path, tensors, {META_KEY: json.dumps(_metadata(d))})
 
 
 def _fail(path, msg):

@@ -7,10 +7,9 @@ import json
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from ..formats.atomic import replacing
+from ..formats.atomic import write_safetensors
 from ..sae import SparseAutoencoder
 from .data import TrainError
 
@@ -22,9 +21,7 @@ CKPT_KEY = "safedig_train"
 
 def atomic_save(tensors: dict[str, Tensor], meta: dict, path: str, key: str = CKPT_KEY) -> None:
     """safetensors file with JSON metadata under `key`, written to a temporary name, fsynced, renamed."""
-    with replacing(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={key: json.dumps(meta)})
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {key: json.dumps(meta)})
 
 
 def write_checkpoint(path, sae, opt, params, state: dict, meta: dict) -> None:
