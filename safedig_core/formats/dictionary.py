@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..positions import FAMILIES, ModelLayout, Position, PositionError, parse
 from ..sae import ACTIVATIONS, NORMALIZATIONS, SparseAutoencoder
 from ..steering import PositionSteerer, SteeringConfig
-from .atomic import write_safetensors
+from .atomic import replacing
 from .messages import quoted
 
 FORMAT_VERSION = 1
@@ -136,7 +137,10 @@ def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> 
             raise DictionaryError(f"{path}: position {p} has {len(e.harmful)} harmful latents but {len(e.scores)} scores")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ()):
             tensors[f"{p}.{name}"] = getattr(e.sae, name).detach().to("cpu", dtype).contiguous()
-    write_safetensors(path, tensors, {META_KEY: json.dumps(_metadata(d))})
+    with replacing(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o777  # the umask's: save_file would leave its own 0600
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(_metadata(d))})
+        os.chmod(tmp, mode)
 
 
 def _fail(path, msg):
@@ -319,9 +323,7 @@ def load(path: str) -> SafetyDictionary:
             if not isinstance(metrics, dict):
                 _fail(path, f"position {p}: 'metrics' must be a JSON object")
             gate = _number(pm, "gate_scale", "gate unit", path, p, 1.0, *GATE_RANGE)
-            image_gate = pm.get("image_gate_scale")
-            if image_gate is not None:
-                image_gate = _number(pm, "image_gate_scale", "per-image gate unit", path, p, None, *GATE_RANGE)
+            image_gate = _unit(pm, "image_gate_scale", None, path, p)
             entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, gate, image_gate)
     known = {f"{p}.{n}" for p, e in entries.items()
              for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
