@@ -107,6 +107,12 @@ def main() -> None:
               "inputs": vars(args), "table": rows}
     print(f"store: {size['per_prompt'] / 1e6:.2f} MB per prompt ({size['per_prompt_per_position'] / 1e6:.2f} MB per "
           f"position; {args.positions} positions, {args.record_steps} steps, {args.budget} rows, float16) - measured")
+    every = 2 * (19 + 38) - 1  # FLUX.1 Dev: both streams of every block but the last single block's text
+    pooled = store_bytes_per_prompt(1, args.record_steps, 0)["per_prompt_per_position"]
+    print(f"every FLUX.1 position ({every}) at that budget: {every * size['per_prompt_per_position'] / 1e6:.0f} MB per "
+          f"prompt; pooled means only (--token-budget 0): {pooled / 1e3:.0f} KB per prompt and position - measured")
+    print(f"training {args.positions} positions x {args.train_tokens:.3g} tokens at {gpu_tps:.0f} tokens/s: "
+          f"{args.positions * args.train_tokens / gpu_tps / 3600:.2f} GPU-hours")
     print(f"SAE training at width {WIDTH}, {latents} latents, k {k}: {measured:.0f} tokens/s on {args.device} "
           f"({torch.get_num_threads()} threads) - measured")
     print(f"GPU training speed used below: {gpu_tps:.0f} tokens/s ({result['gpu_tokens_per_s_is']})")

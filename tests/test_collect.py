@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from node_exec import FakeClip
 
 from safedig_core import cli
 from safedig_core.adapters.comfy import runtime as comfyui
@@ -197,21 +198,6 @@ def test_cli_collect_and_ctrl_c(models, tmp_path, monkeypatch, capsys):
     assert files(path) == files(ref)
     assert cli.main(args + ["--out", path, "--token-budget", "8"]) == 2
     assert "different settings (config.token_budget: the store has 4, this run 8)" in capsys.readouterr().err
-
-
-class FakeClip:
-    """A CLIP stand-in with ComfyUI's encoding calls, backed by the tiny encoder's text states."""
-
-    def __init__(self, family):
-        self.family = family
-        self.encode = tiny_encoder(family)
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
-        cond = self.encode(tokens)[0]
-        return [[c, {**d, **(add_dict or {})}] for c, d in cond]
 
 
 def test_collect_node(comfy, models, tmp_path, monkeypatch):

@@ -364,6 +364,9 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
         if ranks.main:
             save(d, out_path)
         ranks.barrier()
+        if ranks.main:  # the per-rank parts sit next to the user's file: not left behind
+            for p in positions:
+                os.remove(_entry_path(out_path, p))
     return report
 
 

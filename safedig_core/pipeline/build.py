@@ -110,8 +110,12 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
                          "(--overwrite / the node's overwrite input) or choose another name")
     work_dir = work_dir or os.path.splitext(out_path)[0] + ".work"
     fingerprint = store_fingerprint(store)
-    _claim_work_dir(work_dir, {"store": fingerprint, "settings": _settings(cfg)}, write=ranks.main)
-    ranks.barrier()  # every rank checked the work folder; rank 0 has claimed it
+    identity = {"store": fingerprint, "settings": _settings(cfg)}
+    if ranks.main:
+        _claim_work_dir(work_dir, identity)
+    ranks.barrier()  # the others check only once rank 0 has claimed it (not while its work.json is being written)
+    if not ranks.main:
+        _claim_work_dir(work_dir, identity, write=False)
     with torch.inference_mode(False), torch.enable_grad():
         return _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, device, ranks)
 
