@@ -1,9 +1,11 @@
 """The per-image gate across positions: which positions detect, and how one model call's decision reaches
 the blocks that act on it. Shared by every adapter (ComfyUI block patches, diffusers hooks).
 
-Under `SteeringConfig.gate == "image"` a batch row (one image of one cond/uncond half) is flagged when the
-max over its tokens of the harmful mass exceeds τ × the position's image unit (`PositionSteerer.
-flag_images`). With `detect="each"` every position decides for itself from its own tokens. Otherwise the
+Under `SteeringConfig.gate == "image"` an image of the batch is flagged when the max of the harmful mass over
+the tokens of its cond rows exceeds τ × the position's image unit (`PositionSteerer.flag_images`); all its
+rows follow, the uncond ones included (they hold the negative prompt, which the image is pushed away from:
+an empty negative prompt must not open the gate of every image, and a risky word in it must not either).
+With `detect="each"` every position decides for itself from its own tokens. Otherwise the
 detecting positions decide and every acting position of the same model call steers the rows they flagged:
 
 - blocks run in `Position.call_order` (FLUX: double blocks, then single blocks; SD3: joint blocks);
@@ -85,19 +87,20 @@ class CallDecision:
 
 
 def steer_block(parts: dict[Position, Tensor], steerers: dict[Position, PositionSteerer], cfg: SteeringConfig,
-                gate: GatePlan, call: CallDecision | None, rows_of: Callable[[Tensor], Tensor | None]
-                ) -> dict[Position, Tensor]:
+                gate: GatePlan, call: CallDecision | None, rows_of: Callable[[Tensor], Tensor | None],
+                cond_or_uncond: list | None = None) -> dict[Position, Tensor]:
     """Steer the streams of one block. `parts`: the block's token streams [B, T, d] by position (acting and
     detecting ones); `call`: this model call's decision (needed when `gate.shared`); `rows_of(x)`: the batch
-    rows that apply_to allows (None: all). Returns the acting positions' tensors (the same object where
-    nothing changed)."""
+    rows that apply_to allows (None: all); `cond_or_uncond`: the call's chunk codes (0 cond, 1 uncond; None:
+    unknown, each row is its own image). Returns the acting positions' tensors (the same object where nothing
+    changed)."""
     flagged = None
     if gate.shared:
         for p in gate.detectors:
             if p in parts:
                 if p == gate.detectors[0]:
                     call.flags.clear()
-                call.add(p, steerers[p].flag_images(parts[p], cfg))
+                call.add(p, steerers[p].flag_images(parts[p], cfg, cond_or_uncond))
         flagged = call.rows()
     out = {}
     for p, x in parts.items():
@@ -105,7 +108,8 @@ def steer_block(parts: dict[Position, Tensor], steerers: dict[Position, Position
             continue
         rows = rows_of(x)
         if not gate.shared:
-            out[p] = steerers[p].steer(x, cfg, rows)
+            own = steerers[p].flag_images(x, cfg, cond_or_uncond) if cfg.image_gate else None
+            out[p] = steerers[p].steer(x, cfg, rows, flagged=own)
         elif flagged is None or not bool(flagged.any()):
             out[p] = x
         elif flagged.shape[0] != x.shape[0]:

@@ -61,3 +61,23 @@ def cond_rows(batch: int, cond_or_uncond) -> slice | None:
         if c == 0:
             return slice(j * per, (j + 1) * per)
     return None
+
+
+def image_max(values: Tensor, cond_or_uncond) -> Tensor:
+    """Per image of a model call, the max of a per-row statistic `values` [B] over its cond rows → [images].
+    The uncond rows hold the negative prompt, what the image is pushed away from, so they never count;
+    a call with no cond chunk gives −inf for every image, and one that does not say its chunks treats each
+    row as an image."""
+    if not cond_or_uncond:
+        return values
+    per = chunk_size(values.shape[0], cond_or_uncond)
+    cond = [j for j, c in enumerate(cond_or_uncond) if c == 0]
+    if not cond:
+        return values.new_full((per,), float("-inf"))
+    return values.view(len(cond_or_uncond), per)[cond].amax(0)
+
+
+def image_to_rows(per_image: Tensor, cond_or_uncond) -> Tensor:
+    """A per-image value [images] repeated onto every row of a model call's batch (each chunk holds the same
+    images in the same order)."""
+    return per_image if not cond_or_uncond else per_image.repeat(len(cond_or_uncond))

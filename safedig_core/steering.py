@@ -5,10 +5,11 @@ Per token x (one row), with code z = E(x) and harmful latents H:
   returned bit for bit:
   - "token": act where the token's own harmful mass g = Σ_{j∈H} z_j exceeds τ·gate_scale (the dictionary's
     unit: the high quantile of g over safe tokens measured when it was built, 1 otherwise);
-  - "image": decide per batch row (one image of one cond/uncond half): the row is flagged when the max of g
-    over its tokens exceeds τ·image_gate_scale (the same quantile over safe images' max, see `gate.py`), at
-    this position or at the detecting positions of `detect` (the adapters carry that decision between the
-    blocks of one model call); in a flagged row every token with harmful activity (g > 0) is steered;
+  - "image": decide per image of the batch: it is flagged when the max of g over the tokens of its cond rows
+    exceeds τ·image_gate_scale (the same quantile over safe images' max, see `gate.py`), at this position or
+    at the detecting positions of `detect` (the adapters carry that decision between the blocks of one model
+    call). The uncond rows (the negative prompt) never decide: they follow their image. In the rows of a
+    flagged image every token with harmful activity (g > 0) is steered;
 - Blend (α): move toward x_safe = D(z_safe) + (x − D(z)), where z_safe replaces the active harmful codes
   by their safe values. The replacement c is solved so that re-encoding x_safe puts the active harmful
   pre-activations exactly at their safe values (G_AA c = s_A − z_A, G = W_enc[H] W_dec[H]ᵀ), which is
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 
 from .positions import PositionError, parse
 from .sae import SparseAutoencoder
+from .schedule import image_max, image_to_rows
 
 APPLY_TO = ("both", "cond", "uncond")
 GATES = ("token", "image")
@@ -181,11 +183,14 @@ class PositionSteerer:
             return x.new_zeros(x.shape[0], dtype=torch.float32)
         return self.harmful_mass(x).float().amax(-1)
 
-    def flag_images(self, x: Tensor, cfg: SteeringConfig) -> Tensor:
-        """[B] bool: the rows of x [B, T, d] whose image statistic exceeds τ in this position's image unit."""
+    def flag_images(self, x: Tensor, cfg: SteeringConfig, cond_or_uncond=None) -> Tensor:
+        """[B] bool: the rows of x [B, T, d] whose image is flagged: its statistic, the max over the image's cond
+        rows (`schedule.image_max`; without `cond_or_uncond` each row is an image), exceeds τ in this
+        position's image unit. Every row of a flagged image is flagged, its uncond rows included."""
         if len(self.harmful) == 0:
             return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return self.image_mass(x) > cfg.threshold * self.image_gate_scale
+        per_image = image_max(self.image_mass(x), cond_or_uncond) > cfg.threshold * self.image_gate_scale
+        return image_to_rows(per_image, cond_or_uncond)
 
     def steer(self, x: Tensor, cfg: SteeringConfig, rows: Tensor | None = None,
               flagged: Tensor | None = None) -> Tensor:

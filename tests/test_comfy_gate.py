@@ -78,11 +78,22 @@ class Marker:
         txt = out["txt"].clone()
         txt[mask, :, 0] += 20.0
         out["txt"] = txt
-        self.log.append(("mark", mask))
+        self.log.append(("mark", mask, list(to["cond_or_uncond"])))
         return out
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies its patches: keep logging to the same list
         return self
+
+
+def flagged_rows(mask, cond_or_uncond):
+    """The rows the per-image gate must flag for a marked-row mask: every row of each image whose cond row is
+    marked (an uncond row, the negative prompt, never decides)."""
+    per = len(mask) // len(cond_or_uncond)
+    images = torch.zeros(per, dtype=torch.bool)
+    for j, c in enumerate(cond_or_uncond):
+        if c == COND:
+            images |= mask[j * per:(j + 1) * per]
+    return images.repeat(len(cond_or_uncond))
 
 
 def spy(store, log, tag=""):
@@ -133,14 +144,17 @@ def test_text_decision_reaches_every_block_of_the_call_per_image_and_half(comfy,
         mask, seen = None, []
         for event in log:
             if event[0] == "mark":
-                mask = event[1]
+                raw, mask = event[1], flagged_rows(event[1], event[2])
                 continue
             _, p, flagged, rows, changed = event
             seen.append(p)
             assert torch.equal(flagged, mask), (p, flagged, mask)  # the detector's decision of this same call
             allowed = mask if rows is None else mask & rows
+            if p == DETECTOR[family]:  # its harmful latents fire only on the marked rows' tokens
+                allowed = allowed & raw
             assert torch.equal(changed, allowed), (p, apply_to, changed, allowed)
-            assert int(allowed.sum()) == len(halves)  # one marked image per steered half
+            if p != DETECTOR[family]:
+                assert int(allowed.sum()) == len(halves)  # image 0 (its cond row is marked) in each steered half
         assert sorted(seen) == sorted(acting * 2)  # every acting position, each of the two model calls
 
 
@@ -165,6 +179,24 @@ def test_decision_made_elsewhere_and_unflagged_images_keep_every_bit(comfy, mode
     assert torch.equal(run(zero, family), base)
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_risky_negative_prompt_never_opens_the_gate(comfy, models, tmp_path, family):
+    """Only uncond rows fire: nothing is flagged, nothing changes; a cond row firing flags its whole image."""
+    log = []
+    loaded = load(comfy, tmp_path, dictionary(family), f"{family}.safetensors")
+    negative_only = {(UNCOND, 0), (UNCOND, 1)}
+    base = run(marked_model(models, family, negative_only, log), family)
+    for detect_at in ("text positions", "each position"):
+        kw = {} if detect_at == "text positions" else {"positions": DETECTOR[family]}
+        steered = apply(comfy, marked_model(models, family, negative_only, log), loaded, detect_at=detect_at, **kw)
+        assert torch.equal(run(steered, family), base), detect_at
+    spy(loaded.store, log)
+    log.clear()
+    run(apply(comfy, marked_model(models, family, {(COND, 1)}, log), loaded), family)
+    steers = [e for e in log if e[0] == "steer"]
+    assert steers and all(torch.equal(e[2], torch.tensor([False, True, False, True])) for e in steers)
+
+
 def test_chained_nodes_decide_apart_and_the_foreign_patch_keeps_working(comfy, models, tmp_path):
     family, log = "flux", []
     first = load(comfy, tmp_path, dictionary(family), "first.safetensors")
@@ -176,11 +208,13 @@ def test_chained_nodes_decide_apart_and_the_foreign_patch_keeps_working(comfy, m
     marks = [e for e in log if e[0] == "mark"]
     steers = [e for e in log if e[0] == "steer"]
     assert len(marks) == 2 and all(int(m[1].sum()) == 1 for m in marks)  # the foreign patch ran every call
+    expected = flagged_rows(marks[0][1], marks[0][2])  # image 0, both its halves
     # the second node's silent detector flags nothing, so its positions never steer, although the first
     # node's detector flagged an image in the same model call
     assert sorted(e[1] for e in steers) == sorted(f"first:{p}" for p in (ACTING[family] + [DETECTOR[family]]) * 2)
     for _, p, flagged, _, changed in steers:
-        assert torch.equal(flagged, marks[0][1]) and torch.equal(changed, marks[0][1]), p
+        fired = expected & marks[0][1] if p == f"first:{DETECTOR[family]}" else expected  # the detector reads marks
+        assert torch.equal(flagged, expected) and torch.equal(changed, fired), p
 
 
 def test_positions_before_every_detector_are_refused(comfy, models, tmp_path):

@@ -104,6 +104,26 @@ def test_cond_and_uncond_halves_are_decided_on_their_own(case, ab, order, data):
     assert torch.equal(out[~flags], x[~flags])
 
 
+@FAST
+@given(case=cases(), chunks=st.lists(st.sampled_from([0, 1]), min_size=1, max_size=3),
+       unit=st.floats(0.1, 10.0), tau=st.floats(0.0, 2.0))
+def test_an_image_is_decided_by_its_cond_rows_and_all_its_rows_follow(case, chunks, unit, tau):
+    """With the call's chunk codes, an image is flagged exactly when the max over its cond rows' tokens exceeds
+    τ·unit; every row of it (uncond included) carries the decision, and a call of uncond chunks only flags
+    nothing. A bare call (no chunk codes) decides each row on its own."""
+    sae, harmful, x = case
+    n = x.shape[0]
+    xs = torch.cat([x.roll(j, dims=1) * (1 + 0.1 * j) for j in range(len(chunks))])
+    steerer = PositionSteerer(sae, harmful, image_gate_scale=unit)
+    cfg = IMAGE.with_(threshold=tau)
+    stat = steerer.image_mass(xs).view(len(chunks), n)
+    cond = [j for j, c in enumerate(chunks) if c == 0]
+    per_image = (stat[cond] > tau * unit).any(0) if cond else torch.zeros(n, dtype=torch.bool)
+    flags = steerer.flag_images(xs, cfg, chunks)
+    assert torch.equal(flags, per_image.repeat(len(chunks)))
+    assert torch.equal(steerer.flag_images(xs, cfg), steerer.image_mass(xs) > tau * unit)
+
+
 def test_no_harmful_latents_flags_nothing():
     from test_steering_properties import build_sae
 

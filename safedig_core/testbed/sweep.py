@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..adapters.comfy import runtime as comfyui
+from ..schedule import image_max
 from ..steering import SteeringConfig
 from .classifier import predict
 from .model import generate
@@ -129,10 +130,13 @@ class PeakRecorder:
 
     @torch.no_grad()
     def __call__(self, p, x, to) -> None:
-        halves = max(1, len(to.get("cond_or_uncond") or [0]))
-        n = x.shape[0] // halves
         for v in self.by_position[p]:
-            peak = (v.store.steerers[p].harmful_mass(x).float().amax(-1) / v.unit(p)).view(halves, n).amax(0)
+            st = v.store.steerers[p]
+            if v.base.image_gate:  # the statistic the gate decides on (cond rows only)
+                peak = image_max(st.image_mass(x), to.get("cond_or_uncond")) / v.unit(p)
+            else:
+                halves = max(1, len(to.get("cond_or_uncond") or [0]))
+                peak = (st.harmful_mass(x).float().amax(-1) / v.unit(p)).view(halves, -1).amax(0)
             seen = self.peaks[v.name]
             for b, value in enumerate(peak.tolist()):
                 i = self.offset + b

@@ -114,7 +114,8 @@ class BlockSteering(_BlockPatch):
                 parts[p] = x if (start, stop) == (0, x.shape[1]) else x[:, start:stop]
         plan = self.gate.plan
         steered = steer_block(parts, self.store.steerers, self.cfg, plan, self.gate.call(to) if plan.shared else None,
-                              lambda x: half_rows(x.shape[0], to.get("cond_or_uncond"), self.cfg.apply_to))
+                              lambda x: half_rows(x.shape[0], to.get("cond_or_uncond"), self.cfg.apply_to),
+                              to.get("cond_or_uncond"))
         cloned = set()
         for p, y in steered.items():
             if y is parts[p]:

@@ -213,7 +213,7 @@ def steer(transformer, dictionary: SafetyDictionary | str | os.PathLike, cfg: St
             return streams
         parts = {p: streams[p.stream] for p in ps if streams[p.stream] is not None and streams[p.stream].shape[1]}
         steered = steer_block(parts, steerers, cfg, gate, hooks.decision,
-                              lambda x: half_rows(x.shape[0], hooks.halves, cfg.apply_to))
+                              lambda x: half_rows(x.shape[0], hooks.halves, cfg.apply_to), hooks.halves)
         streams = dict(streams)
         for p, y in steered.items():
             streams[p.stream] = y
