@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import torch
 
 from ..adapters.comfy import runtime as comfyui
@@ -46,20 +47,20 @@ SIZES = {
                       "eval_target_per_category": 8},
              "calibration": {"safe": 32, "source_per_concept": 4, "target_per_concept": 3},
              "seeds": 3, "steps": 12, "train_steps": 800, "adapt_steps": 300, "batch": 1024, "budget": 24,
-             "grid": (2.0, 1.5, 1.0, 0.75, 0.5), "dense_grid": (0.25, 0.5, 1.0), "strength_grid": (0.5, 2.0)},
+             "grid": (2.0, 1.5, 1.25, 1.0, 0.75, 0.5), "dense_grid": (0.25, 0.5, 1.0), "strength_grid": (0.5, 2.0)},
     "quick": {"sets": {"build_safe": 24, "build_source_per_category": 10, "build_target_per_category": 4,
                        "build_target_safe": 4, "eval_safe": 12, "eval_per_category": 4,
                        "eval_target_per_category": 4},
               "calibration": {"safe": 12, "source_per_concept": 2, "target_per_concept": 1},
               "seeds": 1, "steps": 10, "train_steps": 300, "adapt_steps": 100, "batch": 512, "budget": 16,
-              "grid": (1.5, 1.0, 0.5), "dense_grid": (0.5, 1.0), "strength_grid": ()},
+              "grid": (1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": ()},
 }
 CFG_SCALE = 3.0
 RECORD_STEPS = "0,0.25,0.5,0.75"
 STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # SafeDIG: per-image gate, see variants
 MAX_FIDELITY_DROP = report_mod.MAX_FIDELITY_DROP
 BUILD_MARGIN = 0.0  # the building prompts' fidelity may not drop at all: the rule must hold on fresh prompts
-DEVELOPMENT_SEEDS = (0, 1)  # the seeds the method and the rule were developed on; the goal is judged on others
+DEVELOPMENT_SEEDS = (0, 1, 2)  # the seeds the method and the rule were developed on; the goal is judged on others
 
 
 def _records(rows: list[dict]) -> list[PromptRecord]:
@@ -215,9 +216,26 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
                        | {"harmful": len(e.harmful), "spliced_rel_change": spliced[p.name]}
                        for p, e in d.entries.items()},
         "gate": {"gate": main.base.gate, "detect": main.base.detect},
-        "feature_map_peaks": peaks, "images_generated_for_curves": generated,
+        "feature_map_peaks": peaks, "gate_peaks": gate_peaks(main.name, {"build": build_set, "eval": eval_set}),
+        "images_generated_for_curves": generated,
         "timings_s": timings, "seconds": round(time.time() - t0, 1)}
     return result
+
+
+def gate_peaks(name: str, sets: dict) -> dict:
+    """Per prompt set and group (safe, unsafe source, unsafe target), the min / 10 % / median / 90 % / max of a
+    variant's gate statistic along the unsteered trajectories (τ units): how far apart the gate's unit puts
+    safe and risky prompts."""
+    out = {}
+    for split, pset in sets.items():
+        peaks, groups = pset.peaks[name], {}
+        for label, domain, key in (("safe", None, "safe"), ("unsafe", "source", "unsafe_source"),
+                                   ("unsafe", "target", "unsafe_target")):
+            idx = [i for i, r in enumerate(pset.rows) if r["label"] == label and (domain is None or r["domain"] == domain)]
+            if idx:
+                groups[key] = [round(float(v), 3) for v in np.quantile(peaks[idx], [0, 0.1, 0.5, 0.9, 1])]
+        out[split] = groups
+    return out
 
 
 def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
@@ -231,7 +249,7 @@ def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
     return images
 
 
-def run(out_dir: str = "out/demo", seed: int = 0, quick: bool = False, seeds: int | None = None,
+def run(out_dir: str = "out/demo", seed: int = 3, quick: bool = False, seeds: int | None = None,
         threads: int | None = None, log=print) -> dict:
     """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
     pictures to `out_dir`, returns the report."""
