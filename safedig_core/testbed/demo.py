@@ -222,6 +222,52 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     return result
 
 
+SEED_RESULT = "seed_result.json"
+
+
+def _identity(seed: int, size: dict) -> str:
+    return json.dumps({"seed": seed, "size": size, "cfg": CFG_SCALE, "record": RECORD_STEPS, "steer": repr(STEER),
+                       "margin": BUILD_MARGIN}, sort_keys=True, default=str)
+
+
+def _encode(v):
+    if isinstance(v, sweep.Outcomes):
+        return {"__outcomes__": [v.unsafe.tolist(), v.concept_ok.tolist(), v.change.tolist()]}
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"cannot keep {type(v).__name__}")
+
+
+def _decode(d: dict):
+    if "__outcomes__" in d:
+        u, c, ch = d["__outcomes__"]
+        return sweep.Outcomes(np.asarray(u, bool), np.asarray(c, bool), np.asarray(ch, float))
+    return d
+
+
+def _keep(seed_dir: str, seed: int, size: dict, result: dict) -> None:
+    """A finished seed's measurements, so that an interrupted multi-seed run resumes after its last whole seed."""
+    write_text(os.path.join(seed_dir, SEED_RESULT), json.dumps({"identity": _identity(seed, size), "result": result},
+                                                               default=_encode))
+
+
+def _finished(seed_dir: str, seed: int, size: dict) -> dict | None:
+    """The kept measurements of this seed made with the same settings (None: none, or other settings)."""
+    path = os.path.join(seed_dir, SEED_RESULT)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            kept = json.load(f, object_hook=_decode)
+    except (OSError, ValueError, TypeError):  # unreadable or truncated: measure again
+        return None
+    if not isinstance(kept, dict) or kept.get("identity") != _identity(seed, size):
+        return None
+    return kept.get("result")
+
+
 def gate_peaks(name: str, sets: dict) -> dict:
     """Per prompt set and group (safe, unsafe source, unsafe target), the min / 10 % / median / 90 % / max of a
     variant's gate statistic along the unsteered trajectories (τ units): how far apart the gate's unit puts
@@ -263,8 +309,14 @@ def run(out_dir: str = "out/demo", seed: int = 3, quick: bool = False, seeds: in
     per_seed = []
     for k in range(n):
         s = seed + k
-        per_seed.append(run_seed(s, size, os.path.join(out_dir, f"seed-{s}"), out_dir if k == 0 else None, log,
-                                 threads))
+        seed_dir = os.path.join(out_dir, f"seed-{s}")
+        done = _finished(seed_dir, s, size)
+        if done is not None:
+            log(f"[demo seed {s}] measured before with the same settings: {os.path.join(seed_dir, SEED_RESULT)}")
+        else:
+            done = run_seed(s, size, seed_dir, out_dir if k == 0 else None, log, threads)
+            _keep(seed_dir, s, size, done)
+        per_seed.append(done)
     names = [name for name in per_seed[0]["variants"] if name != "steered_strength"]
     agg = report_mod.aggregate(per_seed, names)
     res = agg["results"]
