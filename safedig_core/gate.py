@@ -108,8 +108,10 @@ def steer_block(parts: dict[Position, Tensor], steerers: dict[Position, Position
             continue
         rows = rows_of(x)
         if not gate.shared:
-            own = steerers[p].flag_images(x, cfg, cond_or_uncond) if cfg.image_gate else None
-            out[p] = steerers[p].steer(x, cfg, rows, flagged=own)
+            if cfg.image_gate:
+                out[p] = steerers[p].steer(x, cfg, rows, flagged=steerers[p].flag_images(x, cfg, cond_or_uncond))
+            else:
+                out[p] = steerers[p].steer(x, cfg, rows)
         elif flagged is None or not bool(flagged.any()):
             out[p] = x
         elif flagged.shape[0] != x.shape[0]:
