@@ -1,0 +1,148 @@
+"""How SafeDIG's hooks sit in each family's forward, in the real ComfyUI with tiny random-weight models: a
+foreign patch on the same block keeps working under steering, the sampler window and the cond/uncond choice
+take effect, single-stream spans are the family's own token order, and NextDiT's block slots are views of the
+layers they stand in for (same parameters and names; the shared model untouched).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_dictionary
+from test_families import MODELS, family_of, positions_of, run, width_of
+
+from safedig_core.adapters.comfy import runtime as comfyui
+from safedig_core.adapters.comfy.patches import SharedSteerers
+from safedig_core.adapters.comfy.shim import BlockSlot
+from safedig_core.positions import parse
+from safedig_core.steering import SteeringConfig
+
+pytestmark = pytest.mark.comfy
+
+FULL = dict(blend=1.0, repel=1.0, threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    return {name: spec[0](seed=3) for name, spec in MODELS.items()}
+
+
+def steer(model, name: str, cfg: SteeringConfig, positions=None):
+    names = positions or positions_of(name)
+    d = make_dictionary(family_of(name), width_of(name), names)
+    store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
+    return comfyui.steer_model(model, store, [parse(n) for n in names], cfg)
+
+
+class Foreign(torch.nn.Module):
+    """Another node's object patch on a NextDiT layer: scales the layer's output."""
+
+    def __init__(self, inner, calls):
+        super().__init__()
+        self.__dict__["inner"], self.__dict__["calls"] = inner, calls
+
+    def forward(self, x, *args, **kwargs):
+        self.calls.append(1)
+        return self.inner(x, *args, **kwargs) * 1.01
+
+
+def with_foreign(model, name: str, calls: list):
+    """A clone carrying another node's patch on the block of the first steered position."""
+    m = model.clone()
+    p = parse(positions_of(name)[0])
+    if family_of(name) == "lumina2":
+        path = f"diffusion_model.layers.{p.index}"
+        m.add_object_patch(path, Foreign(m.get_model_object(path), calls))
+        return m
+
+    def foreign(args, extra):
+        calls.append(1)
+        out = dict(extra["original_block"](args))
+        out["img"] = out["img"] * 1.01
+        return out
+
+    m.set_model_patch_replace(foreign, "dit", *p.slot)
+    return m
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_foreign_patch_on_the_same_block_keeps_working(models, name):
+    calls = []
+    foreign = with_foreign(models[name], name, calls)
+    only_foreign = run(foreign, name)
+    assert calls and not torch.equal(only_foreign, run(models[name], name))
+    calls.clear()
+    assert torch.equal(run(steer(foreign, name, SteeringConfig()), name), only_foreign) and calls
+    assert not torch.equal(run(steer(foreign, name, SteeringConfig(**FULL)), name), only_foreign)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_window_and_cond_uncond(models, name):
+    model = models[name]
+    base, full = run(model, name, steps=4), run(steer(model, name, SteeringConfig(**FULL)), name, steps=4)
+    late = run(steer(model, name, SteeringConfig(**FULL, start=0.5)), name, steps=4)
+    assert not torch.equal(late, base) and not torch.equal(late, full)
+    assert torch.equal(run(steer(model, name, SteeringConfig(**FULL, start=0.9, end=0.95)), name, steps=4), base)
+    cond = run(steer(model, name, SteeringConfig(**FULL, apply_to="cond")), name, steps=4)
+    uncond = run(steer(model, name, SteeringConfig(**FULL, apply_to="uncond")), name, steps=4)
+    assert not torch.equal(cond, base) and not torch.equal(uncond, base) and not torch.equal(cond, uncond)
+
+
+# single-stream families: (where the text starts, where the image starts) in the block's sequence, as the
+# family's forward builds it (txt = 8 tokens, img = 16)
+ORDER = {"flux": (0, 8), "hunyuan_image": (16, 0), "lumina2": (0, 8), "lumina2-z_image": (0, 32)}
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_single_stream_spans_follow_the_family_token_order(models, name):
+    """A foreign patch sees the whole single-block sequence; SafeDIG's txt and img are its own slices."""
+    full, seen = [], {}
+    model = models[name].clone()
+    if family_of(name) == "lumina2":
+        class Capture(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.__dict__["inner"] = inner
+
+            def forward(self, x, *args, **kwargs):
+                out = self.inner(x, *args, **kwargs)
+                full.append(out.clone())
+                return out
+
+        model.add_object_patch("diffusion_model.layers.0", Capture(model.get_model_object("diffusion_model.layers.0")))
+    else:
+        def capture(args, extra):
+            out = extra["original_block"](args)
+            full.append(out["img"].clone())
+            return out
+
+        model.set_model_patch_replace(capture, "dit", "single_block", 0)
+    rec = comfyui.recording_model(model, [parse("single.0.txt"), parse("single.0.img")],
+                                  lambda p, x, to: seen.setdefault(str(p), []).append(x.clone()))
+    run(rec, name, steps=1)
+    txt, img = ORDER[name]
+    assert len(full) == 1 and full[0].shape[1] >= 24
+    assert torch.equal(seen["single.0.txt"][0], full[0][:, txt:txt + 8])
+    assert torch.equal(seen["single.0.img"][0], full[0][:, img:img + 16])
+
+
+@pytest.mark.parametrize("name", ["lumina2", "lumina2-z_image"])
+def test_block_slots_are_views_and_leave_the_shared_model_alone(models, name):
+    """ComfyUI applies a clone's object patches while that clone is loaded and restores them when another
+    ModelPatcher of the same model loads: the slot is in the tree only while the steered clone runs."""
+    model = models[name]
+    run(model, name)  # the plain model loaded: its own layers in the tree
+    dm = model.get_model_object("diffusion_model")
+    layer, names = dm.layers[0], [n for n, _ in model.model.named_parameters()]
+    assert not isinstance(layer, BlockSlot)
+    m = steer(model, name, SteeringConfig(**FULL))
+    slot = m.object_patches["diffusion_model.layers.0"]
+    assert isinstance(slot, BlockSlot) and slot.inner is layer
+    assert dict(slot.named_parameters()).keys() == dict(layer.named_parameters()).keys()
+    assert all(a is b for a, b in zip(slot.parameters(), layer.parameters()))
+    assert not model.object_patches  # the input MODEL carries no slot
+    run(m, name)
+    assert dm.layers[0] is slot and [n for n, _ in model.model.named_parameters()] == names  # same names
+    run(model, name)
+    assert dm.layers[0] is layer  # restored when the plain model loads again
+    again = steer(m, name, SteeringConfig(**FULL))  # chained SafeDIG nodes share one slot per layer
+    assert again.object_patches["diffusion_model.layers.0"] is slot
