@@ -146,3 +146,76 @@ def test_block_slots_are_views_and_leave_the_shared_model_alone(models, name):
     assert dm.layers[0] is layer  # restored when the plain model loads again
     again = steer(m, name, SteeringConfig(**FULL))  # chained SafeDIG nodes share one slot per layer
     assert again.object_patches["diffusion_model.layers.0"] is slot
+
+
+CTX = 48  # the text encoder's width, unlike the DiT's (64): input.txt has the encoder's
+TEXT_INPUT = {"flux": comfyui.tiny_flux, "chroma": comfyui.tiny_chroma, "flux2": comfyui.tiny_flux2}
+
+
+@pytest.fixture(scope="module")
+def text_models(comfy):
+    return {name: make(seed=3, context_dim=CTX) for name, make in TEXT_INPUT.items()}
+
+
+def text_conds(name: str):
+    _, _, _, pooled, guidance, _ = MODELS[name]
+    g = torch.Generator().manual_seed(5)
+    extra = {} if guidance is None else {"guidance": guidance}
+    return [comfyui.conditioning(torch.randn(1, 8, CTX, generator=g) * s,
+                                 None if pooled is None else torch.randn(1, pooled, generator=g), **extra)
+            for s in (1.0, 0.1)]
+
+
+def run_text(model, name: str, steps: int = 2) -> torch.Tensor:
+    pos, neg = text_conds(name)
+    with torch.inference_mode():
+        return comfyui.sample(model, pos, neg, torch.zeros(1, *MODELS[name][2]), seed=7, steps=steps, cfg=2.0)
+
+
+def steer_text(model, name: str, cfg: SteeringConfig, fire: bool = True, seed: int = 0):
+    d = make_dictionary(name, CTX, ["input.txt"], fire=fire, seed=seed)
+    d.check_layout(comfyui.layout_of(model))
+    store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
+    return comfyui.steer_model(model, store, [parse("input.txt")], cfg)
+
+
+@pytest.mark.parametrize("name", TEXT_INPUT)
+def test_text_input_is_the_conditioning_as_the_dit_receives_it(text_models, name):
+    model = text_models[name]
+    layout = comfyui.layout_of(model)
+    assert layout.positions()[0] == parse("input.txt") and layout.width_of(parse("input.txt")) == CTX
+    seen = []
+    run_text(comfyui.recording_model(model, [parse("input.txt")], lambda p, x, to: seen.append((x.clone(), to["cond_or_uncond"]))), name)
+    pos, neg = (c[0][0][0] for c in text_conds(name))
+    tokens = MODELS[name][5]  # Flux.2: left-padded to 512 by ComfyUI before the DiT
+    for x, order in seen:
+        assert x.shape == (2, tokens, CTX)
+        for row, which in enumerate(order):
+            assert torch.equal(x[row, tokens - 8:], (pos if which == 0 else neg).to(x.dtype))
+
+
+@pytest.mark.parametrize("name", TEXT_INPUT)
+def test_text_input_steering_properties(text_models, name):
+    model = text_models[name]
+    before = dict(model.model_options["transformer_options"])
+    base = run_text(model, name, steps=4)
+    full = SteeringConfig(**FULL)
+    assert torch.equal(run_text(steer_text(model, name, SteeringConfig()), name, steps=4), base)
+    assert torch.equal(run_text(steer_text(model, name, full, fire=False), name, steps=4), base)
+    steered = run_text(steer_text(model, name, full), name, steps=4)
+    assert (steered - base).abs().max() > 1e-3
+    late = run_text(steer_text(model, name, SteeringConfig(**FULL, start=0.5)), name, steps=4)
+    assert not torch.equal(late, base) and not torch.equal(late, steered)
+    cond = run_text(steer_text(model, name, SteeringConfig(**FULL, apply_to="cond")), name, steps=4)
+    uncond = run_text(steer_text(model, name, SteeringConfig(**FULL, apply_to="uncond")), name, steps=4)
+    assert not torch.equal(cond, base) and not torch.equal(uncond, base) and not torch.equal(cond, uncond)
+    chained = steer_text(steer_text(model, name, full), name, full, seed=1)  # both installations act
+    assert not torch.equal(run_text(chained, name, steps=4), steered)
+    assert model.model_options["transformer_options"] == before and torch.equal(run_text(model, name, steps=4), base)
+
+
+def test_text_input_is_refused_where_it_is_not_hooked(models):
+    from safedig_core.positions import PositionError
+
+    with pytest.raises(PositionError, match=r"input\.txt: SafeDIG does not hook the text input of QWEN_IMAGE \(QwenImage\)"):
+        comfyui.layout_of(models["qwen_image"]).check(parse("input.txt"))

@@ -104,7 +104,7 @@ def layout_of(model) -> ModelLayout:
         return ModelLayout(family, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
                            dm.hidden_size, variant=variant)
     return ModelLayout(family, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
-                       dm.params.hidden_size, variant=variant)
+                       dm.params.hidden_size, variant=variant, input_width=dm.params.context_in_dim)
 
 
 def needs_token_layout(family: str) -> bool:
@@ -118,12 +118,12 @@ def token_layout_wrapper(family: str):
     return record_token_layout if needs_token_layout(family) else None
 
 
-def patch_key(family: str) -> str:
-    """The `patches_replace` key the family's block patches go under: ComfyUI's "dit", or SafeDIG's own
-    where `shim.BlockSlot` gives the blocks the protocol."""
+def patch_key(family: str, slot: tuple) -> str:
+    """The `patches_replace` key a block patch at `slot` goes under: ComfyUI's "dit", or SafeDIG's own where
+    `shim.BlockSlot` gives the blocks the protocol and for the text input (`steer_text_input`)."""
     from .shim import SLOTS
 
-    return SLOTS if family in SHIMMED else "dit"
+    return SLOTS if family in SHIMMED or slot[0] == "input" else "dit"
 
 
 def add_block_slots(model, family: str, positions) -> None:
@@ -135,14 +135,37 @@ def add_block_slots(model, family: str, positions) -> None:
         add_slots(model, {p.slot: f"{kinds[p.kind]}.{p.index}" for p in positions if p.kind in kinds})
 
 
-def _bound(executor, args, kwargs) -> dict:
+def _binding(executor, args, kwargs):
     fn = getattr(executor, "original", None) or executor.class_obj._forward
     try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+        return inspect.signature(fn).bind_partial(*args, **kwargs)
     except TypeError:
+        return None
+
+
+def _bound(executor, args, kwargs) -> dict:
+    b = _binding(executor, args, kwargs)
+    if b is None:
         return {}
+    bound = dict(b.arguments)
     extra = bound.pop("kwargs", None)  # NextDiT takes transformer_options among **kwargs
     return {**extra, **bound} if isinstance(extra, dict) else bound
+
+
+def steer_text_input(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper serving `input.txt`: hands the `context` argument (the conditioning tokens as
+    the DiT receives them) to the patch at `Position.slot` of the text input under `shim.SLOTS`, as a block
+    patch `{"txt": context}` whose block is the identity, and runs the DiT on what it returns."""
+    from .shim import SLOTS
+
+    b = _binding(executor, args, kwargs)
+    to = _bound(executor, args, kwargs).get("transformer_options") if b is not None else None
+    patch = to.get("patches_replace", {}).get(SLOTS, {}).get(("input", 0)) if isinstance(to, dict) else None
+    if patch is None or b.arguments.get("context") is None:
+        return executor(*args, **kwargs)
+    out = patch({"txt": b.arguments["context"], "transformer_options": to}, {"original_block": lambda a: {"txt": a["txt"]}})
+    b.arguments["context"] = out["txt"]
+    return executor(*b.args, **b.kwargs)
 
 
 def record_token_layout(executor, *args, **kwargs):

@@ -264,19 +264,24 @@ def patched(model, positions, make, layout=None):
     is untouched."""
     import comfy.patcher_extension
 
-    from .families import add_block_slots, patch_key, token_layout_wrapper
+    from .families import add_block_slots, patch_key, steer_text_input, token_layout_wrapper
     from .patches import WRAPPER_KEY, install
 
     layout = layout or layout_of(model)
     m = model.clone()
-    key = patch_key(layout.family)
-    existing = m.model_options["transformer_options"].get("patches_replace", {}).get(key, {})
-    install(lambda patch, slot: m.set_model_patch_replace(patch, key, *slot), existing.get, positions, make)
+
+    def existing(slot):
+        return m.model_options["transformer_options"].get("patches_replace", {}).get(patch_key(layout.family, slot), {}).get(slot)
+
+    install(lambda patch, slot: m.set_model_patch_replace(patch, patch_key(layout.family, slot), *slot), existing,
+            positions, make)
     add_block_slots(m, layout.family, positions)
     wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     wrapper = token_layout_wrapper(layout.family)
     if wrapper is not None and not m.get_wrappers(wrappers, WRAPPER_KEY):
         m.add_wrapper_with_key(wrappers, WRAPPER_KEY, wrapper)
+    if any(p.kind == "input" for p in positions) and not m.get_wrappers(wrappers, WRAPPER_KEY + "_input"):
+        m.add_wrapper_with_key(wrappers, WRAPPER_KEY + "_input", steer_text_input)
     return m
 
 
