@@ -219,3 +219,23 @@ def test_text_input_is_refused_where_it_is_not_hooked(models):
 
     with pytest.raises(PositionError, match=r"input\.txt: SafeDIG does not hook the text input of QWEN_IMAGE \(QwenImage\)"):
         comfyui.layout_of(models["qwen_image"]).check(parse("input.txt"))
+
+
+def test_text_input_position_names_order_and_file_round_trip(tmp_path):
+    from safedig_core.formats import dictionary
+    from safedig_core.positions import ModelLayout, block_number, depth, group
+
+    p = parse("input.txt")
+    assert p.name == "input.txt" and parse(p.name) == p
+    assert p.call_order < parse("double.0.img").call_order < parse("single.0.txt").call_order
+    assert p.belongs("flux") and p.belongs("flux2") and not p.belongs("sd3") and not p.belongs("wan")
+    layout = ModelLayout("flux", {"double": 2, "single": 2}, 64, input_width=CTX)
+    assert (block_number(p, layout), depth(p, layout), group(p, layout)) == (-1, 0.0, "text_binding")
+    assert not ModelLayout("flux", {"double": 2, "single": 2}, 64).has(p)  # no width known: not a position
+    d = make_dictionary("flux", CTX, ["input.txt", "double.0.img"])
+    d.entries[parse("double.0.img")] = make_dictionary("flux", 64, ["double.0.img"]).entries[parse("double.0.img")]
+    path = str(tmp_path / "d.safetensors")
+    dictionary.save(d, path)
+    back = dictionary.load(path)
+    assert sorted(map(str, back.entries)) == ["double.0.img", "input.txt"]
+    back.check_layout(layout)
