@@ -15,6 +15,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
+from ..safedig_core.adapters.comfy.families import latent_shape
 from ..safedig_core.adapters.comfy.runner import ComfyRunner, clip_encoder, model_fingerprint
 from ..safedig_core.adapters.comfy.runtime import layout_of
 from ..safedig_core.formats.messages import quoted
@@ -92,9 +93,8 @@ class SafeDIGCollectActivations(io.ComfyNode):
         prompts = read_prompts(prompt_file)
         path = paths.store_dir(output_name, what="output name")
         family = layout_of(model).family
-        channels = model.get_model_object("latent_format").latent_channels
         runner = ComfyRunner(model, clip_encoder(clip, family, negative_prompt, guidance), cfg, sampler_name,
-                             scheduler, (channels, height // 8, width // 8),
+                             scheduler, latent_shape(model, width, height),
                              name=f"comfyui-model#{model_fingerprint(model)}")
         pbar = comfy.utils.ProgressBar(len(prompts))
 

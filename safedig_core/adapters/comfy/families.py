@@ -107,6 +107,21 @@ def layout_of(model) -> ModelLayout:
                        dm.params.hidden_size, variant=variant, input_width=dm.params.context_in_dim)
 
 
+# spatial downscale of the VAEs whose ComfyUI 0.3.75 latent format does not say it (newer ComfyUI's latent
+# formats carry `spacial_downscale_ratio`); every other family's VAE downsamples 8x
+DOWNSCALE = {"flux2": 16, "hunyuan_image": 32}
+
+
+def latent_shape(model, width: int, height: int) -> tuple:
+    """The empty latent of one `width` x `height` image for `model`, without the batch: channels and
+    dimensions from its latent format (Qwen-Image and Wan: [C, 1, H, W]), the downscale from the format
+    where it says it, else from the family (Flux.2 16x, HunyuanImage 2.1 32x, others 8x)."""
+    fmt = model.get_model_object("latent_format")
+    ratio = getattr(fmt, "spacial_downscale_ratio", None) or DOWNSCALE.get(identify(model)[0], 8)
+    extra = (1,) * (int(getattr(fmt, "latent_dimensions", 2)) - 2)
+    return (int(fmt.latent_channels), *extra, height // ratio, width // ratio)
+
+
 def needs_token_layout(family: str) -> bool:
     return family in TOKEN_LAYOUT_FAMILIES
 
