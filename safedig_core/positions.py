@@ -21,12 +21,13 @@ and text streams are their own, so a dictionary of one is refused on another.
 | qwen_image | Qwen-Image        | double (60 blocks, 3072)   | (none; joint attention, text first) | unused (no position) |
 | wan    | Wan 2.1 / 2.2 text-to-video | double (the blocks; img only, 5120 at 14B) | (none; text by cross-attention) | no text stream |
 | hunyuan_image | HunyuanImage 2.1     | double, single             | [img | txt (+ byT5)], image first | dropped |
+| hidream | HiDream-I1          | double, single             | [img | T5 | Llama (+ the block's own Llama layer, never steered)] | dropped |
 | lumina2 | Lumina 2 / Z-Image (NextDiT) | single (the main layers; 2304 / 3840) | [caption (+ Z-Image pad) | img (+ pad)] | dropped |
 
 Reference-image tokens (Kontext, Flux.2 and Qwen-Image edits) follow the output image and are never steered.
 Blocks are served by ComfyUI's `patches_replace["dit"]` slots (`double_block` for double and joint blocks,
-`single_block` for single ones) where the family's forward has them; NextDiT has none, and its main layers
-are given the same protocol on a clone (adapters/comfy/shim.py). Lumina 2's refiner layers (caption and noise
+`single_block` for single ones) where the family's forward has them; NextDiT and HiDream have none, and their
+blocks are given the same protocol on a clone (adapters/comfy/shim.py). Lumina 2's refiner layers (caption and noise
 refiners, before the joint layers) are not positions. Z-Image pads caption and image to multiples of 32 tokens:
 the pads are neither text nor image positions.
 """
@@ -53,6 +54,7 @@ FAMILY_INFO = {
     "qwen_image": Family("Qwen-Image", ("double",)),
     "wan": Family("Wan 2.x", ("double",), streams=("img",)),  # text enters by cross-attention, never updated
     "hunyuan_image": Family("HunyuanImage 2.1", ("double", "single")),
+    "hidream": Family("HiDream", ("double", "single")),  # shimmed; text = [T5 | last Llama layer]
     "lumina2": Family("Lumina 2 / Z-Image", ("single",)),  # NextDiT: one joint sequence, caption first
 }
 FAMILIES = {name: f.kinds for name, f in FAMILY_INFO.items()}

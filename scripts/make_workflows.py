@@ -1,5 +1,5 @@
 """Write the generated example workflows of `workflows/` (the testbed, the Collect → Build and one per model
-family: Chroma, Flux.2, Qwen-Image, HunyuanImage 2.1, Z-Image, Wan 2.1) as the frontend saves them, with
+family: Chroma, Flux.2, Qwen-Image, HunyuanImage 2.1, Z-Image, HiDream, Wan 2.1) as the frontend saves them, with
 every widget in the order and range the running server's /object_info gives.
 
     python scripts/make_workflows.py            # starts a throwaway ComfyUI server (tests/server_fixture.py)
@@ -240,6 +240,15 @@ FAMILIES = {
         vae="ae.safetensors", latent=("EmptySD3LatentImage", {"width": 1024, "height": 1024}), steps=9, cfg=1.0,
         sampler="res_multistep", shift=("ModelSamplingAuraFlow", 3.0),
         hook="ComfyUI's NextDiT (Z-Image, Lumina 2) has no block-replace hook; SafeDIG adds one to its own copy of the model."),
+    "SafeDIG - HiDream I1 Full": dict(
+        label="HiDream-I1 Full", dictionary="safedig_hidream_i1_full.safetensors", unet="hidream_i1_full_fp16.safetensors",
+        clip=("QuadrupleCLIPLoader", {"clip_name1": "clip_l_hidream.safetensors", "clip_name2": "clip_g_hidream.safetensors",
+                                      "clip_name3": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                      "clip_name4": "llama_3.1_8b_instruct_fp8_scaled.safetensors"}),
+        vae="ae.safetensors", latent=("EmptySD3LatentImage", {"width": 1024, "height": 1024}), steps=50, cfg=5.0,
+        sampler="uni_pc", shift=("ModelSamplingSD3", 3.0), negative="blurry, low quality",
+        hook="ComfyUI's HiDream has no block-replace hook; SafeDIG adds one to its own copy of the model. The Llama "
+             "tokens each block adds for itself are never steered."),
     "SafeDIG - Wan 2.1 text-to-video": dict(
         label="Wan 2.1 text-to-video", dictionary="safedig_wan21_t2v_1.3b.safetensors",
         unet="wan2.1_t2v_1.3B_fp16.safetensors",

@@ -1,4 +1,5 @@
-"""FLUX.1 (dev, schnell), Chroma, Flux.2, Qwen-Image, Wan 2.1, HunyuanImage 2.1 and Lumina 2 / Z-Image in the real ComfyUI: tiny random-weight models,
+"""FLUX.1 (dev, schnell), Chroma, Flux.2, Qwen-Image, Wan 2.1, HunyuanImage 2.1, Lumina 2 / Z-Image and HiDream in
+the real ComfyUI: tiny random-weight models,
 real KSampler runs.
 
 Chroma and Flux.2 subclass ComfyUI's Flux model and carry its block attributes; the family comes from the
@@ -31,6 +32,7 @@ MODELS = {
     "hunyuan_image": (comfyui.tiny_hunyuan_image, "HunyuanImage21", (64, 4, 4), None, None, 8),  # 32x latents
     "lumina2": (comfyui.tiny_lumina2, "Lumina2", (16, 8, 8), None, None, 8),
     "lumina2-z_image": (comfyui.tiny_z_image, "ZImage", (16, 8, 8), None, None, 8),  # pads (not positions) excluded
+    "hidream": (comfyui.tiny_hidream, "HiDream", (16, 8, 8), 64, None, 16),  # text: 8 T5 + 8 Llama tokens
 }
 BLOCKS = {"qwen_image": {"double": 2}, "wan": {"double": 2}, "lumina2": {"single": 2}, "lumina2-z_image": {"single": 2}}
 WIDTHS = {"lumina2-z_image": 256}  # Z-Image's timestep embedding needs a width of 256 or more
@@ -64,7 +66,8 @@ def conds(name: str):
 
     def one(scale):
         y = None if pooled is None else torch.randn(1, pooled, generator=g) * scale
-        return comfyui.conditioning(torch.randn(1, 8, 64, generator=g) * scale, y, **extra)
+        more = {"conditioning_llama3": torch.randn(1, 4, 8, 64, generator=g) * scale} if name == "hidream" else {}
+        return comfyui.conditioning(torch.randn(1, 8, 64, generator=g) * scale, y, **extra, **more)
 
     return one(1.0), one(0.1)
 
@@ -89,7 +92,7 @@ def test_family_and_variant_come_from_the_model_class(models, name):
         f"{k}.{i}.{s}" for k in blocks for i in range(blocks[k]) for s in ("img", "txt")
         if s == "img" or (family != "wan" and not (k == list(blocks)[-1] and i == blocks[k] - 1))]
     dm = model.get_model_object("diffusion_model")
-    if blocks.keys() == {"double", "single"}:  # what used to make every one of them "flux"
+    if blocks.keys() == {"double", "single"} and name != "hidream":  # what used to make every one of them "flux"
         assert hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
     # a bare diffusion model has only its ldm class: Flux.2 shares FLUX.1's, so it reads as FLUX there
     assert identify(dm)[0] == ("flux" if family == "flux2" else family)
@@ -141,6 +144,7 @@ def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(
     ("flux", "hunyuan_image", r"made for FLUX, but the model is HUNYUAN_IMAGE \(HunyuanImage21\)"),
     ("hunyuan_image", "flux", r"made for HUNYUAN_IMAGE, but the model is FLUX \(Flux\)"),
     ("flux", "lumina2", r"made for FLUX, but the model is LUMINA2 \(Lumina2\)"),
+    ("hunyuan_image", "hidream", r"made for HUNYUAN_IMAGE, but the model is HIDREAM \(HiDream\)"),
 ])
 def test_a_dictionary_is_refused_on_another_family(models, made, model_name, message):
     """Same block counts and widths: only the family tells them apart."""

@@ -20,7 +20,7 @@ def models(comfy):
 
 @pytest.mark.parametrize("name, want", [
     ("flux", (16, 8, 8)), ("chroma", (16, 8, 8)), ("flux2", (128, 4, 4)), ("qwen_image", (16, 1, 8, 8)),
-    ("wan", (16, 1, 8, 8)), ("hunyuan_image", (64, 2, 2)), ("lumina2", (16, 8, 8)), ("lumina2-z_image", (16, 8, 8)),
+    ("wan", (16, 1, 8, 8)), ("hunyuan_image", (64, 2, 2)), ("lumina2", (16, 8, 8)), ("lumina2-z_image", (16, 8, 8)), ("hidream", (16, 8, 8)),
 ])
 def test_latent_shape_of_a_64px_image(models, name, want):
     assert latent_shape(models[name], 64, 64) == want

@@ -33,24 +33,32 @@ def steer(model, name: str, cfg: SteeringConfig, positions=None):
     return comfyui.steer_model(model, store, [parse(n) for n in names], cfg)
 
 
+# families without a block-replace protocol: (first steered block, single block 0) as module paths
+SHIMMED_PATHS = {"lumina2": ("diffusion_model.layers.0", "diffusion_model.layers.0"),
+                 "lumina2-z_image": ("diffusion_model.layers.0", "diffusion_model.layers.0"),
+                 "hidream": ("diffusion_model.double_stream_blocks.0", "diffusion_model.single_stream_blocks.0")}
+
+
 class Foreign(torch.nn.Module):
-    """Another node's object patch on a NextDiT layer: scales the layer's output."""
+    """Another node's object patch on a block: scales the block's (image) output."""
 
     def __init__(self, inner, calls):
         super().__init__()
         self.__dict__["inner"], self.__dict__["calls"] = inner, calls
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         self.calls.append(1)
-        return self.inner(x, *args, **kwargs) * 1.01
+        out = self.inner(*args, **kwargs)
+        return (out[0] * 1.01, *out[1:]) if isinstance(out, tuple) else out * 1.01
 
 
 def with_foreign(model, name: str, calls: list):
     """A clone carrying another node's patch on the block of the first steered position."""
     m = model.clone()
     p = parse(positions_of(name)[0])
-    if family_of(name) == "lumina2":
-        path = f"diffusion_model.layers.{p.index}"
+    if name in SHIMMED_PATHS:
+        path = SHIMMED_PATHS[name][0]  # block 0: the first steered position's (positions_of)
+        assert p.index == 0
         m.add_object_patch(path, Foreign(m.get_model_object(path), calls))
         return m
 
@@ -87,9 +95,11 @@ def test_window_and_cond_uncond(models, name):
     assert not torch.equal(cond, base) and not torch.equal(uncond, base) and not torch.equal(cond, uncond)
 
 
-# single-stream families: (where the text starts, where the image starts) in the block's sequence, as the
-# family's forward builds it (txt = 8 tokens, img = 16)
-ORDER = {"flux": (0, 8), "hunyuan_image": (16, 0), "lumina2": (0, 8), "lumina2-z_image": (0, 32)}
+# single-stream families: (where the text starts, where the image starts, text tokens) in the block's
+# sequence, as the family's forward builds it (img = 16 tokens; HiDream's text: 8 T5 + 8 Llama, then the
+# block's own 8 Llama-layer tokens, which are no position)
+ORDER = {"flux": (0, 8, 8), "hunyuan_image": (16, 0, 8), "lumina2": (0, 8, 8), "lumina2-z_image": (0, 32, 8),
+         "hidream": (16, 0, 16)}
 
 
 @pytest.mark.parametrize("name", ORDER)
@@ -97,18 +107,19 @@ def test_single_stream_spans_follow_the_family_token_order(models, name):
     """A foreign patch sees the whole single-block sequence; SafeDIG's txt and img are its own slices."""
     full, seen = [], {}
     model = models[name].clone()
-    if family_of(name) == "lumina2":
+    if name in SHIMMED_PATHS:
         class Capture(torch.nn.Module):
             def __init__(self, inner):
                 super().__init__()
                 self.__dict__["inner"] = inner
 
-            def forward(self, x, *args, **kwargs):
-                out = self.inner(x, *args, **kwargs)
+            def forward(self, *args, **kwargs):
+                out = self.inner(*args, **kwargs)
                 full.append(out.clone())
                 return out
 
-        model.add_object_patch("diffusion_model.layers.0", Capture(model.get_model_object("diffusion_model.layers.0")))
+        path = SHIMMED_PATHS[name][1]
+        model.add_object_patch(path, Capture(model.get_model_object(path)))
     else:
         def capture(args, extra):
             out = extra["original_block"](args)
@@ -119,34 +130,36 @@ def test_single_stream_spans_follow_the_family_token_order(models, name):
     rec = comfyui.recording_model(model, [parse("single.0.txt"), parse("single.0.img")],
                                   lambda p, x, to: seen.setdefault(str(p), []).append(x.clone()))
     run(rec, name, steps=1)
-    txt, img = ORDER[name]
-    assert len(full) == 1 and full[0].shape[1] >= 24
-    assert torch.equal(seen["single.0.txt"][0], full[0][:, txt:txt + 8])
+    txt, img, n = ORDER[name]
+    assert len(full) == 1 and full[0].shape[1] >= 16 + n
+    assert torch.equal(seen["single.0.txt"][0], full[0][:, txt:txt + n])
     assert torch.equal(seen["single.0.img"][0], full[0][:, img:img + 16])
 
 
-@pytest.mark.parametrize("name", ["lumina2", "lumina2-z_image"])
+@pytest.mark.parametrize("name", SHIMMED_PATHS)
 def test_block_slots_are_views_and_leave_the_shared_model_alone(models, name):
     """ComfyUI applies a clone's object patches while that clone is loaded and restores them when another
     ModelPatcher of the same model loads: the slot is in the tree only while the steered clone runs."""
+    import comfy.utils
+
     model = models[name]
-    run(model, name)  # the plain model loaded: its own layers in the tree
-    dm = model.get_model_object("diffusion_model")
-    layer, names = dm.layers[0], [n for n, _ in model.model.named_parameters()]
+    path = SHIMMED_PATHS[name][0]
+    run(model, name)  # the plain model loaded: its own blocks in the tree
+    layer, names = comfy.utils.get_attr(model.model, path), [n for n, _ in model.model.named_parameters()]
     assert not isinstance(layer, BlockSlot)
     m = steer(model, name, SteeringConfig(**FULL))
-    slot = m.object_patches["diffusion_model.layers.0"]
+    slot = m.object_patches[path]
     assert isinstance(slot, BlockSlot) and slot.inner is layer
     assert dict(slot.named_parameters()).keys() == dict(layer.named_parameters()).keys()
     assert all(a is b for a, b in zip(slot.parameters(), layer.parameters()))
     assert not model.object_patches  # the input MODEL carries no slot
     run(m, name)
-    assert dm.layers[0] is slot and [n for n, _ in model.model.named_parameters()] == names  # same names
+    assert comfy.utils.get_attr(model.model, path) is slot
+    assert [n for n, _ in model.model.named_parameters()] == names  # the same parameter names
     run(model, name)
-    assert dm.layers[0] is layer  # restored when the plain model loads again
-    again = steer(m, name, SteeringConfig(**FULL))  # chained SafeDIG nodes share one slot per layer
-    assert again.object_patches["diffusion_model.layers.0"] is slot
-
+    assert comfy.utils.get_attr(model.model, path) is layer  # restored when the plain model loads again
+    again = steer(m, name, SteeringConfig(**FULL))  # chained SafeDIG nodes share one slot per block
+    assert again.object_patches[path] is slot
 
 CTX = 48  # the text encoder's width, unlike the DiT's (64): input.txt has the encoder's
 TEXT_INPUT = {"flux": comfyui.tiny_flux, "chroma": comfyui.tiny_chroma, "flux2": comfyui.tiny_flux2}

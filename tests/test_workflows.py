@@ -35,6 +35,8 @@ STEERING = {  # the workflows that steer a downloaded model: what they must be w
                                    "dictionary": "safedig_hunyuan_image.safetensors", "latent": "EmptyHunyuanImageLatent"},
     "SafeDIG - Z-Image Turbo": {"loader": "ModelSamplingAuraFlow", "steps": 9, "cfg": 1.0,
                                 "dictionary": "safedig_z_image_turbo.safetensors"},
+    "SafeDIG - HiDream I1 Full": {"loader": "ModelSamplingSD3", "steps": 50, "cfg": 5.0,
+                                  "dictionary": "safedig_hidream_i1_full.safetensors"},
     "SafeDIG - Wan 2.1 text-to-video": {"loader": "ModelSamplingSD3", "steps": 30, "cfg": 6.0,
                                         "dictionary": "safedig_wan21_t2v_1.3b.safetensors",
                                         "latent": "EmptyHunyuanLatentVideo", "save": "SaveAnimatedWEBP"},
@@ -47,7 +49,7 @@ FILE_COMBOS = {  # combos listing model files: their options depend on what the 
     ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
     ("TripleCLIPLoader", "clip_name1"), ("TripleCLIPLoader", "clip_name2"), ("TripleCLIPLoader", "clip_name3"),
     ("VAELoader", "vae_name"), ("CheckpointLoaderSimple", "ckpt_name"), ("SafeDIGLoadDictionary", "dictionary_name"),
-    ("CLIPLoader", "clip_name"),
+    ("CLIPLoader", "clip_name"), *(("QuadrupleCLIPLoader", f"clip_name{i}") for i in range(1, 5)),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL = "control_after_generate"

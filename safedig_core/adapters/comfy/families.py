@@ -13,7 +13,8 @@ tokens for the block patches (and, for Z-Image, where its padded caption ends). 
 arguments by name, because each family passes `transformer_options` at its own place (FLUX.1/Flux2 8th,
 Chroma 6th, NextDiT among its keyword arguments).
 
-HunyuanImage 2.1 runs its single blocks over [img | txt], image first (`record_hunyuan_layout`).
+HunyuanImage 2.1 runs its single blocks over [img | txt], image first (`record_hunyuan_layout`); so does
+HiDream (`record_hidream_layout`), whose blocks, like NextDiT's, get the protocol from `shim.BlockSlot`.
 Lumina 2 / Z-Image (NextDiT) has no block-replace lookup; its layers get one from `shim.BlockSlot` on the
 clone (`SHIMMED`, `add_block_slots`), and its patches go under `patch_key(family)`.
 """
@@ -27,7 +28,7 @@ from .patches import TOKEN_LAYOUT
 # (model_base class name, family), most specific first: isinstance(Chroma(), Flux) holds
 BASE_CLASSES = (("ChromaRadiance", None), ("Chroma", "chroma"), ("Flux2", "flux2"), ("Flux", "flux"),
                 ("SD3", "sd3"), ("QwenImage", "qwen_image"), ("WAN21", "wan"), ("Lumina2", "lumina2"),
-                ("HunyuanImage21", "hunyuan_image"))
+                ("HunyuanImage21", "hunyuan_image"), ("HiDream", "hidream"))
 LDM_CLASSES = (("comfy.ldm.chroma_radiance.model", "ChromaRadiance", None),
                ("comfy.ldm.chroma.model", "Chroma", "chroma"),
                ("comfy.ldm.flux.model", "Flux", "flux"),
@@ -35,10 +36,14 @@ LDM_CLASSES = (("comfy.ldm.chroma_radiance.model", "ChromaRadiance", None),
                ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", "qwen_image"),
                ("comfy.ldm.wan.model", "WanModel", "wan"),
                ("comfy.ldm.lumina.model", "NextDiT", "lumina2"),
-               ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", "hunyuan_image"))
+               ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", "hunyuan_image"),
+               ("comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel", "hidream"))
 TOKEN_LAYOUT_FAMILIES = ("flux", "chroma", "flux2", "qwen_image", "lumina2", "hunyuan_image")  # a single stream, or reference images after img
-# families whose forward has no patches_replace["dit"]: block kind -> the ModuleList that shim.BlockSlot serves
-SHIMMED = {"lumina2": {"single": "diffusion_model.layers"}}
+# families whose forward has no patches_replace["dit"]: block kind -> (the ModuleList that shim.BlockSlot
+# serves, the shim's calling convention for its blocks)
+SHIMMED = {"lumina2": {"single": ("diffusion_model.layers", "nextdit")},
+           "hidream": {"double": ("diffusion_model.double_stream_blocks", "hidream_double"),
+                       "single": ("diffusion_model.single_stream_blocks", "hidream_single")}}
 
 
 class UnsupportedModel(ValueError):
@@ -103,6 +108,9 @@ def layout_of(model) -> ModelLayout:
     if family == "hunyuan_image":
         return ModelLayout(family, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
                            dm.hidden_size, variant=variant)
+    if family == "hidream":
+        return ModelLayout(family, {"double": len(dm.double_stream_blocks), "single": len(dm.single_stream_blocks)},
+                           dm.inner_dim, variant=variant)
     return ModelLayout(family, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
                        dm.params.hidden_size, variant=variant, input_width=dm.params.context_in_dim)
 
@@ -130,6 +138,8 @@ def token_layout_wrapper(family: str):
     """The DIFFUSION_MODEL wrapper that notes the family's token layout, or None where none is needed."""
     if family == "hunyuan_image":
         return record_hunyuan_layout
+    if family == "hidream":
+        return record_hidream_layout
     return record_token_layout if needs_token_layout(family) else None
 
 
@@ -147,7 +157,7 @@ def add_block_slots(model, family: str, positions) -> None:
 
     kinds = SHIMMED.get(family)
     if kinds:
-        add_slots(model, {p.slot: f"{kinds[p.kind]}.{p.index}" for p in positions if p.kind in kinds})
+        add_slots(model, {p.slot: (f"{kinds[p.kind][0]}.{p.index}", kinds[p.kind][1]) for p in positions if p.kind in kinds})
 
 
 def _binding(executor, args, kwargs):
@@ -219,4 +229,17 @@ def record_hunyuan_layout(executor, *args, **kwargs):
         img = _tokens(x.shape, dm.patch_size)
         refs = 0 if ref is None else _tokens(ref.shape, dm.patch_size)
         to[TOKEN_LAYOUT] = (txt, img, refs, refs + img, refs)
+    return executor(*args, **kwargs)
+
+
+def record_hidream_layout(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper for HiDream: its text stream is [T5 | last Llama layer] (each block appends its
+    own Llama layer's tokens and the model drops them after the block: never a position), its single-stream
+    sequence [img | text | that block's Llama tokens], image first."""
+    a = _bound(executor, args, kwargs)
+    to, x, context, llama = (a.get(k) for k in ("transformer_options", "x", "context", "encoder_hidden_states_llama3"))
+    if isinstance(to, dict) and x is not None and context is not None and llama is not None:
+        p = executor.class_obj.patch_size
+        img = _tokens(x.shape, (p, p))
+        to[TOKEN_LAYOUT] = (context.shape[1] + llama.shape[2], img, 0, img, 0)
     return executor(*args, **kwargs)

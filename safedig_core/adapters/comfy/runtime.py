@@ -224,6 +224,21 @@ def tiny_hunyuan_image(seed: int = 0, depth: int = 2, single: int = 2, hidden: i
     return _patcher(comfy.supported_models.HunyuanImage21(cfg), seed)
 
 
+def tiny_hidream(seed: int = 0, depth: int = 2, single: int = 2, heads: int = 2, head_dim: int = 32,
+                 context_dim: int = 64, llama_layers: int = 4):
+    """A random-weight HiDream (double and single blocks with mixture-of-experts FFNs; text from T5 and
+    `llama_layers` Llama layers, conditioning key `conditioning_llama3` [B, layers, T, C]; 16-channel latent,
+    patch 2; no block-replace protocol in ComfyUI) in a ModelPatcher."""
+    import comfy.supported_models
+
+    cfg = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": depth,
+           "num_single_layers": single, "attention_head_dim": head_dim, "num_attention_heads": heads,
+           "caption_channels": [context_dim, context_dim], "text_emb_dim": context_dim, "num_routed_experts": 4,
+           "num_activated_experts": 2, "axes_dims_rope": [head_dim // 2, head_dim // 4, head_dim // 4],
+           "max_resolution": [32, 32], "llama_layers": [i % llama_layers for i in range(depth + single)]}
+    return _patcher(comfy.supported_models.HiDream(cfg), seed)
+
+
 def tiny_sd3(seed: int = 0, depth: int = 2, context_dim: int = 64, adm_dim: int = 2048):
     """A random-weight SD3 MMDiT (width 64·depth; the last block context-pre-only) in a ModelPatcher."""
     import comfy.model_management
