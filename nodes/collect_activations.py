@@ -15,6 +15,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
+from ..safedig_core.adapters.comfy.families import latent_shape
 from ..safedig_core.adapters.comfy.runner import ComfyRunner, clip_encoder, model_fingerprint
 from ..safedig_core.adapters.comfy.runtime import layout_of
 from ..safedig_core.formats.messages import quoted
@@ -52,7 +53,7 @@ class SafeDIGCollectActivations(io.ComfyNode):
                                 tooltip="CSV / TSV / JSONL with prompt,label,category,domain[,seed], or the I2P CSV; "
                                         "a file in ComfyUI's input folder (subfolders allowed)"),
                 io.String.Input("positions", default="all",
-                                tooltip="'all' or a comma list, e.g. double.7.img, single.12.img (FLUX) / joint.10.img (SD3)"),
+                                tooltip="'all' or a comma list, e.g. input.txt, double.7.img, single.12.img (FLUX) / joint.10.img (SD3)"),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampler steps per image"),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 63 - 1,
                              tooltip="Noise seed of prompt i is seed + i, unless the prompt file gives a seed"),
@@ -92,9 +93,8 @@ class SafeDIGCollectActivations(io.ComfyNode):
         prompts = read_prompts(prompt_file)
         path = paths.store_dir(output_name, what="output name")
         family = layout_of(model).family
-        channels = model.get_model_object("latent_format").latent_channels
         runner = ComfyRunner(model, clip_encoder(clip, family, negative_prompt, guidance), cfg, sampler_name,
-                             scheduler, (channels, height // 8, width // 8),
+                             scheduler, latent_shape(model, width, height),
                              name=f"comfyui-model#{model_fingerprint(model)}")
         pbar = comfy.utils.ProgressBar(len(prompts))
 

@@ -2,7 +2,11 @@
 which block slot serves them, and whether a model has them.
 
 A position is the output of one DiT block for one token stream, named by a stable string:
-FLUX-style `double.{i}.img|txt`, `single.{j}.img|txt`; SD3 MMDiT `joint.{i}.img|txt`.
+FLUX-style `double.{i}.img|txt`, `single.{j}.img|txt`; SD3 MMDiT `joint.{i}.img|txt`; or `input.txt`, the
+DiT's text input: the conditioning tokens as the DiT receives them, before its first block and its own text
+projection (FLUX.1: the T5 states, `context_in_dim` wide, 4096 on FLUX.1; Flux.2's left-padded to 512).
+It exists in the families marked `txt_input`; it runs before every block (`call_order`), counts as depth 0
+and block -1 (before block 0), and its width is the layout's `input_width`.
 
 A family is a block layout the hooks know, told apart by the model's own class (adapters/comfy/families.py),
 never by its attribute names: Chroma and Flux.2 have FLUX.1's double/single blocks, but their weights, widths
@@ -16,10 +20,16 @@ and text streams are their own, so a dictionary of one is refused on another.
 | sd3    | SD3 / SD3.5 (MMDiT)   | joint                      | (none)                       | context-pre-only: none  |
 | qwen_image | Qwen-Image        | double (60 blocks, 3072)   | (none; joint attention, text first) | unused (no position) |
 | wan    | Wan 2.1 / 2.2 text-to-video | double (the blocks; img only, 5120 at 14B) | (none; text by cross-attention) | no text stream |
+| hunyuan_image | HunyuanImage 2.1     | double, single             | [img | txt (+ byT5)], image first | dropped |
+| hidream | HiDream-I1          | double, single             | [img | T5 | Llama (+ the block's own Llama layer, never steered)] | dropped |
+| lumina2 | Lumina 2 / Z-Image (NextDiT) | single (the main layers; 2304 / 3840) | [caption (+ Z-Image pad) | img (+ pad)] | dropped |
 
 Reference-image tokens (Kontext, Flux.2 and Qwen-Image edits) follow the output image and are never steered.
-Every family's blocks are served by ComfyUI's `patches_replace["dit"]` slots (`double_block` for double and
-joint blocks, `single_block` for single ones).
+Blocks are served by ComfyUI's `patches_replace["dit"]` slots (`double_block` for double and joint blocks,
+`single_block` for single ones) where the family's forward has them; NextDiT and HiDream have none, and their
+blocks are given the same protocol on a clone (adapters/comfy/shim.py). Lumina 2's refiner layers (caption and noise
+refiners, before the joint layers) are not positions. Z-Image pads caption and image to multiples of 32 tokens:
+the pads are neither text nor image positions.
 """
 from __future__ import annotations
 
@@ -33,21 +43,26 @@ class Family:
     kinds: tuple  # block kinds in stack order
     last_txt_dead: bool = True  # the text output of the last block is never used again (no position there)
     streams: tuple = ("img", "txt")  # the streams a block returns
+    txt_input: bool = False  # the DiT's text input (`input.txt`) is a position
 
 
 FAMILY_INFO = {
-    "flux": Family("FLUX.1", ("double", "single")),
-    "chroma": Family("Chroma", ("double", "single")),
-    "flux2": Family("Flux.2", ("double", "single")),
+    "flux": Family("FLUX.1", ("double", "single"), txt_input=True),
+    "chroma": Family("Chroma", ("double", "single"), txt_input=True),
+    "flux2": Family("Flux.2", ("double", "single"), txt_input=True),
     "sd3": Family("SD3/SD3.5", ("joint",), last_txt_dead=False),  # its last block computes no text at all
     "qwen_image": Family("Qwen-Image", ("double",)),
     "wan": Family("Wan 2.x", ("double",), streams=("img",)),  # text enters by cross-attention, never updated
+    "hunyuan_image": Family("HunyuanImage 2.1", ("double", "single")),
+    "hidream": Family("HiDream", ("double", "single")),  # shimmed; text = [T5 | last Llama layer]
+    "lumina2": Family("Lumina 2 / Z-Image", ("single",)),  # NextDiT: one joint sequence, caption first
 }
 FAMILIES = {name: f.kinds for name, f in FAMILY_INFO.items()}
 STREAMS = ("img", "txt")
 GROUPS = ("text_binding", "visual_binding", "rendering")
 
 _NAME = re.compile(r"^(double|single|joint)\.(\d+)\.(img|txt)$", re.ASCII)
+INPUT = "input.txt"
 
 
 class PositionError(ValueError):
@@ -56,13 +71,13 @@ class PositionError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class Position:
-    kind: str  # "double", "single" or "joint"
+    kind: str  # "double", "single", "joint" or "input"
     index: int
     stream: str  # "img" or "txt"
 
     @property
     def name(self) -> str:
-        return f"{self.kind}.{self.index}.{self.stream}"
+        return INPUT if self.kind == "input" else f"{self.kind}.{self.index}.{self.stream}"
 
     @property
     def family(self) -> str:
@@ -70,19 +85,25 @@ class Position:
         return "sd3" if self.kind == "joint" else "flux"
 
     def belongs(self, family: str) -> bool:
-        """Whether models of `family` have blocks of this position's kind."""
+        """Whether models of `family` have blocks of this position's kind (or a text input position)."""
+        if self.kind == "input":
+            return family in FAMILY_INFO and FAMILY_INFO[family].txt_input
         return self.kind in FAMILIES.get(family, ())
 
     @property
     def call_order(self) -> tuple[int, int]:
         """Where this position's block runs within one model call: FLUX's double blocks, then its single
-        blocks; SD3's joint blocks in order. Both streams of a block share it."""
+        blocks; SD3's joint blocks in order. Both streams of a block share it; the text input precedes all."""
+        if self.kind == "input":
+            return (-1, 0)
         return (FAMILIES[self.family].index(self.kind), self.index)
 
     @property
     def slot(self) -> tuple[str, int]:
         """The (block_name, index) key of ComfyUI's `patches_replace["dit"]` that serves this position.
-        MMDiT joint blocks are registered as "double_block" by ComfyUI."""
+        MMDiT joint blocks are registered as "double_block" by ComfyUI; the text input has SafeDIG's own slot."""
+        if self.kind == "input":
+            return ("input", 0)
         return ("single_block" if self.kind == "single" else "double_block", self.index)
 
     def __str__(self) -> str:
@@ -90,11 +111,13 @@ class Position:
 
 
 def parse(name: str) -> Position:
+    if name.strip() == INPUT:
+        return Position("input", 0, "txt")
     m = _NAME.match(name.strip())
     if not m:
         raise PositionError(
             f"bad position name {name!r}: expected double.<i>.img|txt or single.<j>.img|txt (FLUX.1, Chroma, "
-            "Flux.2) or joint.<i>.img|txt (SD3)")
+            "Flux.2), joint.<i>.img|txt (SD3) or input.txt (the DiT's text input)")
     return Position(m.group(1), int(m.group(2)), m.group(3))
 
 
@@ -107,6 +130,7 @@ class ModelLayout:
     txt_width: int | None = None  # width of the text stream, when it differs (it never does in FLUX/SD3)
     last_txt_absent: bool = False  # SD3: the last joint block is context-pre-only and outputs no text
     variant: str | None = None  # the exact model config (ComfyUI's supported_models class), e.g. Flux, FluxSchnell
+    input_width: int | None = None  # width of `input.txt` (FLUX: context_in_dim); None: not a position here
 
     @property
     def label(self) -> str:
@@ -114,7 +138,7 @@ class ModelLayout:
         return f"{self.family.upper()} ({self.variant})" if self.variant else self.family.upper()
 
     def positions(self) -> list[Position]:
-        out = []
+        out = [p for p in (Position("input", 0, "txt"),) if self.has(p)]
         for kind in FAMILIES[self.family]:
             for i in range(self.blocks.get(kind, 0)):
                 for stream in FAMILY_INFO[self.family].streams:
@@ -124,6 +148,8 @@ class ModelLayout:
         return out
 
     def has(self, p: Position) -> bool:
+        if p.kind == "input":
+            return p.belongs(self.family) and self.input_width is not None
         if not p.belongs(self.family) or not 0 <= p.index < self.blocks.get(p.kind, 0):
             return False
         if p.stream not in FAMILY_INFO[self.family].streams:
@@ -141,9 +167,15 @@ class ModelLayout:
         return fam.last_txt_dead or self.last_txt_absent
 
     def width_of(self, p: Position) -> int:
+        if p.kind == "input":
+            return self.input_width
         return self.txt_width if (p.stream == "txt" and self.txt_width) else self.width
 
     def check(self, p: Position) -> None:
+        if p.kind == "input":
+            if not self.has(p):
+                raise PositionError(f"position {p}: SafeDIG does not hook the text input of {self.label} models")
+            return
         if not p.belongs(self.family):
             raise PositionError(f"position {p} belongs to {p.family.upper()}, but the model is {self.label}")
         n = self.blocks.get(p.kind, 0)
@@ -209,12 +241,17 @@ def group(p: Position, layout: ModelLayout | None = None) -> str:
 
 
 def block_number(p: Position, layout: ModelLayout) -> int:
-    """The block's place in the whole stack, from 0 (FLUX single blocks follow the double ones)."""
+    """The block's place in the whole stack, from 0 (FLUX single blocks follow the double ones); the text
+    input, before block 0, is -1."""
+    if p.kind == "input":
+        return -1
     order = FAMILIES[layout.family]
     return sum(layout.blocks.get(k, 0) for k in order[: order.index(p.kind)]) + p.index
 
 
 def depth(p: Position, layout: ModelLayout) -> float:
-    """Relative depth in [0, 1] across the whole stack."""
+    """Relative depth in [0, 1] across the whole stack (the text input: 0)."""
+    if p.kind == "input":
+        return 0.0
     total = sum(layout.blocks.get(k, 0) for k in FAMILIES[layout.family])
     return block_number(p, layout) / max(total - 1, 1)

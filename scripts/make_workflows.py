@@ -1,5 +1,6 @@
-"""Write the generated example workflows of `workflows/` (the testbed and the Collect → Build ones) as the
-frontend saves them, with every widget in the order and range the running server's /object_info gives.
+"""Write the generated example workflows of `workflows/` (the testbed, the Collect → Build and one per model
+family: Chroma, Flux.2, Qwen-Image, HunyuanImage 2.1, Z-Image, HiDream, Wan 2.1) as the frontend saves them, with
+every widget in the order and range the running server's /object_info gives.
 
     python scripts/make_workflows.py            # starts a throwaway ComfyUI server (tests/server_fixture.py)
 
@@ -176,7 +177,134 @@ def build(info: dict) -> dict:
     return g.workflow()
 
 
-MAKERS = {TESTBED: testbed, BUILD: build}
+FAMILY_NOTE = """## SafeDIG safety steering — {label}
+
+Put the safety dictionary in **`ComfyUI/models/sae/`** (create the folder if needed), then press *Refresh* (R)
+so **SafeDIG Load Dictionary** lists it. A dictionary is made for one model family and is refused on another
+(build one with the *Build a dictionary* workflow and this model's loaders):
+
+```
+ComfyUI/models/
+├── sae/
+│   └── {dictionary}
+{files}
+```
+
+**SafeDIG Apply Steering** sits between the model loader and the KSampler: *blend* moves tokens that fire
+harmful latents toward the safe reconstruction, *repel* pushes them off the harmful directions.
+blend = repel = 0 leaves the model unchanged. {hook}
+
+**SafeDIG Safety Check** flags the decoded {what} with NudeNet's detector (exposed-nudity classes at score
+≥ 0.6; needs `pip install nudenet`, the model ships inside the package).
+"""
+
+
+def _tree(files: dict) -> str:
+    lines, folders = [], list(files.items())
+    for i, (folder, names) in enumerate(folders):
+        last = i == len(folders) - 1
+        lines.append(f"{'└' if last else '├'}── {folder}/")
+        for j, name in enumerate(names):
+            lines.append(f"{' ' if last else '│'}   {'└' if j == len(names) - 1 else '├'}── {name}")
+    return "\n".join(lines)
+
+
+# title -> how the family's own example workflow loads, conditions and samples (ComfyUI 0.3.75 nodes)
+FAMILIES = {
+    "SafeDIG - Chroma": dict(
+        label="Chroma", dictionary="safedig_chroma.safetensors", unet="chroma.safetensors",
+        clip=("CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "chroma"}), vae="ae.safetensors",
+        latent=("EmptySD3LatentImage", {"width": 1024, "height": 1024}), steps=26, cfg=4.0,
+        negative="low quality, blurry", hook="Chroma has FLUX.1's blocks but its own weights: FLUX.1 dictionaries are refused."),
+    "SafeDIG - Flux.2 Dev": dict(
+        label="Flux.2 [dev]", dictionary="safedig_flux2_dev.safetensors", unet="flux2_dev_fp8mixed.safetensors",
+        clip=("CLIPLoader", {"clip_name": "mistral_3_small_flux2_bf16.safetensors", "type": "flux2"}),
+        vae="flux2-vae.safetensors", latent=("EmptyFlux2LatentImage", {"width": 1024, "height": 1024}),
+        steps=20, cfg=1.0, guidance=4.0, hook="Flux.2 latents are 16x smaller than the image (128 channels)."),
+    "SafeDIG - Qwen-Image": dict(
+        label="Qwen-Image", dictionary="safedig_qwen_image.safetensors", unet="qwen_image_fp8_e4m3fn.safetensors",
+        clip=("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image"}),
+        vae="qwen_image_vae.safetensors", latent=("EmptySD3LatentImage", {"width": 1328, "height": 1328}),
+        steps=20, cfg=2.5, shift=("ModelSamplingAuraFlow", 3.1), negative="",
+        hook="Qwen-Image has double-stream blocks only (positions double.<i>.img|txt)."),
+    "SafeDIG - HunyuanImage 2.1": dict(
+        label="HunyuanImage 2.1", dictionary="safedig_hunyuan_image.safetensors",
+        unet="hunyuanimage2.1_bf16.safetensors",
+        clip=("DualCLIPLoader", {"clip_name1": "qwen_2.5_vl_7b.safetensors",
+                                 "clip_name2": "byt5_small_glyphxl_fp16.safetensors", "type": "hunyuan_image"}),
+        vae="hunyuan_image_2.1_vae_fp16.safetensors", latent=("EmptyHunyuanImageLatent", {"width": 2048, "height": 2048}),
+        steps=20, cfg=3.5, negative="", hook="Its single blocks run [image | text], image first; SafeDIG splits them."),
+    "SafeDIG - Z-Image Turbo": dict(
+        label="Z-Image Turbo (Lumina 2 family)", dictionary="safedig_z_image_turbo.safetensors",
+        unet="z_image_turbo_bf16.safetensors", clip=("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"}),
+        vae="ae.safetensors", latent=("EmptySD3LatentImage", {"width": 1024, "height": 1024}), steps=9, cfg=1.0,
+        sampler="res_multistep", shift=("ModelSamplingAuraFlow", 3.0),
+        hook="ComfyUI's NextDiT (Z-Image, Lumina 2) has no block-replace hook; SafeDIG adds one to its own copy of the model."),
+    "SafeDIG - HiDream I1 Full": dict(
+        label="HiDream-I1 Full", dictionary="safedig_hidream_i1_full.safetensors", unet="hidream_i1_full_fp16.safetensors",
+        clip=("QuadrupleCLIPLoader", {"clip_name1": "clip_l_hidream.safetensors", "clip_name2": "clip_g_hidream.safetensors",
+                                      "clip_name3": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                      "clip_name4": "llama_3.1_8b_instruct_fp8_scaled.safetensors"}),
+        vae="ae.safetensors", latent=("EmptySD3LatentImage", {"width": 1024, "height": 1024}), steps=50, cfg=5.0,
+        sampler="uni_pc", shift=("ModelSamplingSD3", 3.0), negative="blurry, low quality",
+        hook="ComfyUI's HiDream has no block-replace hook; SafeDIG adds one to its own copy of the model. The Llama "
+             "tokens each block adds for itself are never steered."),
+    "SafeDIG - Wan 2.1 text-to-video": dict(
+        label="Wan 2.1 text-to-video", dictionary="safedig_wan21_t2v_1.3b.safetensors",
+        unet="wan2.1_t2v_1.3B_fp16.safetensors",
+        clip=("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"}),
+        vae="wan_2.1_vae.safetensors", latent=("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33}),
+        steps=30, cfg=6.0, sampler="uni_pc", shift=("ModelSamplingSD3", 8.0), negative="blurry, static, low quality",
+        video=True, hook="Wan's blocks return the image stream only (positions double.<i>.img); the text enters by cross-attention."),
+}
+PROMPT = "a photograph of a lighthouse on a rocky coast at sunset, warm light, detailed"
+
+
+def family(info: dict, spec: dict) -> dict:
+    g = Graph(info)
+    unet = g.add("UNETLoader", (0, 80), (320, 82), {"unet_name": spec["unet"]})
+    clip_kind, clip_widgets = spec["clip"]
+    clip = g.add(clip_kind, (0, 200), (320, 130), clip_widgets)
+    vae = g.add("VAELoader", (0, 370), (320, 58), {"vae_name": spec["vae"]})
+    model = unet
+    if "shift" in spec:
+        kind, shift = spec["shift"]
+        model = g.add(kind, (0, 470), (320, 58), {"shift": shift}, model=(unet, 0))
+    dictionary = g.add("SafeDIGLoadDictionary", (0, 580), (320, 58), {"dictionary_name": spec["dictionary"]})
+    steer = g.add("SafeDIGApplySteering", (360, 500), (360, 330), {"blend": 1.0, "repel": 1.0},
+                  model=(model, 0), dictionary=(dictionary, 0))
+    pos = g.add("CLIPTextEncode", (360, 80), (400, 140), {"text": PROMPT}, title="Prompt", clip=(clip, 0))
+    if "guidance" in spec:
+        pos = g.add("FluxGuidance", (360, 250), (300, 58), {"guidance": spec["guidance"]}, conditioning=(pos, 0))
+    if "negative" in spec:
+        neg = g.add("CLIPTextEncode", (360, 340), (400, 120), {"text": spec["negative"]}, title="Negative prompt",
+                    clip=(clip, 0))
+    else:
+        neg = g.add("ConditioningZeroOut", (360, 340), (300, 30), conditioning=(pos, 0))
+    kind, size = spec["latent"]
+    latent = g.add(kind, (800, 500), (300, 130), size)
+    sampler = g.add("KSampler", (800, 80), (320, 262),
+                    {"seed": 42, "steps": spec["steps"], "cfg": spec["cfg"], "sampler_name": spec.get("sampler", "euler"),
+                     "scheduler": "simple"}, model=(steer, 0), positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+    image = g.add("VAEDecode", (1160, 80), (200, 46), samples=(sampler, 0), vae=(vae, 0))
+    if spec.get("video"):
+        g.add("SaveAnimatedWEBP", (1400, 80), (400, 400), {"filename_prefix": "SafeDIG/wan21_t2v", "fps": 16.0},
+              images=(image, 0))
+    else:
+        g.add("SaveImage", (1400, 80), (400, 400),
+              {"filename_prefix": "SafeDIG/" + spec["dictionary"][len("safedig_"):-len(".safetensors")]}, images=(image, 0))
+    check = g.add("SafeDIGSafetyCheck", (1160, 540), (300, 110), {"detector": "nudenet", "threshold": 0.6}, images=(image, 0))
+    g.add("PreviewAny", (1500, 540), (300, 150), source=(check, 0))
+    g.add("PreviewImage", (1160, 720), (300, 300), title="Safety check (annotated)", images=(check, 3))
+    files = {"diffusion_models": [spec["unet"]], "text_encoders": [v for k, v in clip_widgets.items() if k.startswith("clip_name")],
+             "vae": [spec["vae"]]}
+    g.add("MarkdownNote", (-460, 80), (420, 560), {"text": FAMILY_NOTE.format(
+        label=spec["label"], dictionary=spec["dictionary"], files=_tree(files), hook=spec["hook"],
+        what="video frames" if spec.get("video") else "image")})
+    return g.workflow()
+
+
+MAKERS = {TESTBED: testbed, BUILD: build, **{title: (lambda info, spec=spec: family(info, spec)) for title, spec in FAMILIES.items()}}
 
 
 def main() -> None:

@@ -116,11 +116,22 @@ class Browser:
         card = self.wait(lambda: self.driver.find_elements(By.XPATH, xpath), 20, f"the template card {title!r}")
         before = self.js("return window.app.graph._nodes.map(n => n.id).join(',') + '|' + "
                          "(window.app.extensionManager.workflow.activeWorkflow?.path || '')")
-        card[0].click()
+        self.wait(lambda: self._click(card[0]), 20, f"the template card {title!r} to take a click")
         self.wait(lambda: self.js("return window.app.graph._nodes.map(n => n.id).join(',') + '|' + "
                                   "(window.app.extensionManager.workflow.activeWorkflow?.path || '')") != before
                   and not self.driver.find_elements(By.XPATH, xpath), 20, f"the template {title!r} to load")
         time.sleep(0.5)  # let the canvas draw
+
+    def _click(self, element) -> bool:
+        """Scroll `element` into view and click it; False while something (the dialog opening) covers it."""
+        from selenium.common.exceptions import ElementClickInterceptedException
+
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        try:
+            element.click()
+        except ElementClickInterceptedException:
+            return False
+        return True
 
     def loaded_state(self) -> dict:
         return self.js(LOADED_STATE)

@@ -3,6 +3,8 @@ installed ComfyUI lacks it."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 
 import pytest
 import torch
@@ -71,3 +73,38 @@ def test_reference_tokens_stay_unsteered_under_newer_img_slice(kind):
         out = {"img": torch.zeros(2, img + ref, 8), "txt": torch.zeros(2, txt, 8)}
         assert stream_span(parse("double.0.img"), out, to) == ("img", 0, img)
         assert stream_span(parse("double.0.txt"), out, to) == ("txt", 0, txt)
+
+
+def _pack_api(comfy):
+    import importlib
+
+    module = comfy.NODE_CLASS_MAPPINGS["SafeDIGApplySteering"].__module__
+    return importlib.import_module(module.rsplit(".", 1)[0] + ".api")
+
+
+def test_the_node_api_of_the_installed_comfyui(comfy):
+    import comfy_api.v0_0_2
+
+    api = _pack_api(comfy)
+    expected = "comfy_api.v0_0_3" if importlib.util.find_spec("comfy_api.v0_0_3") else "comfy_api.v0_0_2"
+    assert expected == api.API_VERSION
+    if expected.endswith("v0_0_2"):
+        assert api.io is comfy_api.v0_0_2.io
+
+
+def test_a_newer_comfyui_with_v0_0_3_is_preferred(comfy, monkeypatch):
+    """Newer ComfyUI adds comfy_api.v0_0_3 (stand-in: a module with v0_0_2's io and ComfyExtension)."""
+    import types
+
+    import comfy_api.v0_0_2
+
+    newer = types.ModuleType("comfy_api.v0_0_3")
+    newer.io, newer.ComfyExtension = comfy_api.v0_0_2.io, comfy_api.v0_0_2.ComfyExtension
+    monkeypatch.setitem(sys.modules, "comfy_api.v0_0_3", newer)
+    name, module = _pack_api(comfy).load()
+    assert (name, module) == ("comfy_api.v0_0_3", newer)
+
+
+def test_no_known_node_api_is_one_clear_line(comfy):
+    with pytest.raises(ImportError, match=r"^SafeDIG needs ComfyUI's node API \(comfy_api\.v9 or comfy_api\.v8\): update"):
+        _pack_api(comfy).load(("comfy_api.v9", "comfy_api.v8"))

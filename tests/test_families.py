@@ -1,4 +1,5 @@
-"""FLUX.1 (dev, schnell), Chroma, Flux.2, Qwen-Image and Wan 2.1 in the real ComfyUI: tiny random-weight models,
+"""FLUX.1 (dev, schnell), Chroma, Flux.2, Qwen-Image, Wan 2.1, HunyuanImage 2.1, Lumina 2 / Z-Image and HiDream in
+the real ComfyUI: tiny random-weight models,
 real KSampler runs.
 
 Chroma and Flux.2 subclass ComfyUI's Flux model and carry its block attributes; the family comes from the
@@ -28,9 +29,16 @@ MODELS = {
     "flux2": (comfyui.tiny_flux2, "Flux2", (128, 4, 4), None, 3.5, 512),  # ComfyUI left-pads Flux.2 text to 512
     "qwen_image": (comfyui.tiny_qwen_image, "QwenImage", (16, 1, 8, 8), None, None, 8),
     "wan": (comfyui.tiny_wan, "WAN21_T2V", (16, 1, 8, 8), None, None, 8),
+    "hunyuan_image": (comfyui.tiny_hunyuan_image, "HunyuanImage21", (64, 4, 4), None, None, 8),  # 32x latents
+    "lumina2": (comfyui.tiny_lumina2, "Lumina2", (16, 8, 8), None, None, 8),
+    "lumina2-z_image": (comfyui.tiny_z_image, "ZImage", (16, 8, 8), None, None, 8),  # pads (not positions) excluded
+    "hidream": (comfyui.tiny_hidream, "HiDream", (16, 8, 8), 64, None, 16),  # text: 8 T5 + 8 Llama tokens
 }
-BLOCKS = {"qwen_image": {"double": 2}, "wan": {"double": 2}}
-POSITIONS = {"qwen_image": ["double.0.img", "double.0.txt", "double.1.img"], "wan": ["double.0.img", "double.1.img"]}
+BLOCKS = {"qwen_image": {"double": 2}, "wan": {"double": 2}, "lumina2": {"single": 2}, "lumina2-z_image": {"single": 2}}
+WIDTHS = {"lumina2-z_image": 256}  # Z-Image's timestep embedding needs a width of 256 or more
+LUMINA = ["single.0.img", "single.0.txt", "single.1.img"]
+POSITIONS = {"qwen_image": ["double.0.img", "double.0.txt", "double.1.img"], "wan": ["double.0.img", "double.1.img"],
+             "lumina2": LUMINA, "lumina2-z_image": LUMINA}
 FLUX_STYLE = ["double.0.img", "double.1.txt", "single.0.img", "single.0.txt"]
 
 
@@ -41,6 +49,10 @@ def positions_of(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def models(comfy):
     return {name: spec[0](seed=3) for name, spec in MODELS.items()}
+
+
+def width_of(name: str) -> int:
+    return WIDTHS.get(name, W)
 
 
 def family_of(name: str) -> str:
@@ -54,7 +66,8 @@ def conds(name: str):
 
     def one(scale):
         y = None if pooled is None else torch.randn(1, pooled, generator=g) * scale
-        return comfyui.conditioning(torch.randn(1, 8, 64, generator=g) * scale, y, **extra)
+        more = {"conditioning_llama3": torch.randn(1, 4, 8, 64, generator=g) * scale} if name == "hidream" else {}
+        return comfyui.conditioning(torch.randn(1, 8, 64, generator=g) * scale, y, **extra, **more)
 
     return one(1.0), one(0.1)
 
@@ -73,12 +86,13 @@ def test_family_and_variant_come_from_the_model_class(models, name):
     assert identify(model) == (family, variant)
     layout = comfyui.layout_of(model)
     blocks = BLOCKS.get(name, {"double": 2, "single": 2})
-    assert (layout.family, layout.variant, layout.width, layout.blocks) == (family, variant, W, blocks)
-    assert [str(p) for p in layout.positions()] == [
+    assert (layout.family, layout.variant, layout.width, layout.blocks) == (family, variant, width_of(name), blocks)
+    text_input = ["input.txt"] if family in ("flux", "chroma", "flux2") else []
+    assert [str(p) for p in layout.positions()] == text_input + [
         f"{k}.{i}.{s}" for k in blocks for i in range(blocks[k]) for s in ("img", "txt")
         if s == "img" or (family != "wan" and not (k == list(blocks)[-1] and i == blocks[k] - 1))]
     dm = model.get_model_object("diffusion_model")
-    if "single" in blocks:  # what used to make every one of them "flux"
+    if blocks.keys() == {"double", "single"} and name != "hidream":  # what used to make every one of them "flux"
         assert hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
     # a bare diffusion model has only its ldm class: Flux.2 shares FLUX.1's, so it reads as FLUX there
     assert identify(dm)[0] == ("flux" if family == "flux2" else family)
@@ -88,7 +102,7 @@ def test_family_and_variant_come_from_the_model_class(models, name):
 def test_positions_and_token_counts_in_a_ksampler_run(models, name):
     shape, txt = MODELS[name][2], MODELS[name][5]
     patch = models[name].get_model_object("diffusion_model").patch_size
-    patch = patch[-1] if isinstance(patch, tuple) else patch
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
     img = (shape[-1] // patch) ** 2
     seen = {}
 
@@ -97,7 +111,7 @@ def test_positions_and_token_counts_in_a_ksampler_run(models, name):
 
     m = comfyui.recording_model(models[name], [parse(n) for n in positions_of(name)], record)
     run(m, name)
-    assert seen == {n: {(2, txt if n.endswith("txt") else img, W)} for n in positions_of(name)}
+    assert seen == {n: {(2, txt if n.endswith("txt") else img, width_of(name))} for n in positions_of(name)}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -108,7 +122,7 @@ def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(
     positions = [parse(n) for n in positions_of(name)]
 
     def steered(fire: bool, cfg: SteeringConfig) -> torch.Tensor:
-        d = make_dictionary(family, W, positions_of(name), fire=fire)
+        d = make_dictionary(family, width_of(name), positions_of(name), fire=fire)
         store = SharedSteerers({p: e.steerer() for p, e in d.entries.items()})
         d.check_layout(comfyui.layout_of(model))
         return run(comfyui.steer_model(model, store, positions, cfg), name)
@@ -127,6 +141,10 @@ def test_identity_at_zero_effect_only_when_harmful_latents_fire_input_unchanged(
     ("flux2", "flux", r"made for FLUX2, but the model is FLUX \(Flux\)"),
     ("flux", "qwen_image", r"made for FLUX, but the model is QWEN_IMAGE \(QwenImage\)"),
     ("qwen_image", "wan", r"made for QWEN_IMAGE, but the model is WAN \(WAN21_T2V\)"),
+    ("flux", "hunyuan_image", r"made for FLUX, but the model is HUNYUAN_IMAGE \(HunyuanImage21\)"),
+    ("hunyuan_image", "flux", r"made for HUNYUAN_IMAGE, but the model is FLUX \(Flux\)"),
+    ("flux", "lumina2", r"made for FLUX, but the model is LUMINA2 \(Lumina2\)"),
+    ("hunyuan_image", "hidream", r"made for HUNYUAN_IMAGE, but the model is HIDREAM \(HiDream\)"),
 ])
 def test_a_dictionary_is_refused_on_another_family(models, made, model_name, message):
     """Same block counts and widths: only the family tells them apart."""

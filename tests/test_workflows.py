@@ -26,6 +26,20 @@ STEERING = {  # the workflows that steer a downloaded model: what they must be w
                              "dictionary": "safedig_flux1_dev.safetensors"},
     "SafeDIG - SD3.5 Large": {"loader": "CheckpointLoaderSimple", "steps": 28, "cfg": 4.5,
                               "dictionary": "safedig_sd35_large.safetensors"},
+    "SafeDIG - Chroma": {"loader": "UNETLoader", "steps": 26, "cfg": 4.0, "dictionary": "safedig_chroma.safetensors"},
+    "SafeDIG - Flux.2 Dev": {"loader": "UNETLoader", "steps": 20, "cfg": 1.0, "dictionary": "safedig_flux2_dev.safetensors",
+                             "latent": "EmptyFlux2LatentImage"},
+    "SafeDIG - Qwen-Image": {"loader": "ModelSamplingAuraFlow", "steps": 20, "cfg": 2.5,
+                             "dictionary": "safedig_qwen_image.safetensors"},
+    "SafeDIG - HunyuanImage 2.1": {"loader": "UNETLoader", "steps": 20, "cfg": 3.5,
+                                   "dictionary": "safedig_hunyuan_image.safetensors", "latent": "EmptyHunyuanImageLatent"},
+    "SafeDIG - Z-Image Turbo": {"loader": "ModelSamplingAuraFlow", "steps": 9, "cfg": 1.0,
+                                "dictionary": "safedig_z_image_turbo.safetensors"},
+    "SafeDIG - HiDream I1 Full": {"loader": "ModelSamplingSD3", "steps": 50, "cfg": 5.0,
+                                  "dictionary": "safedig_hidream_i1_full.safetensors"},
+    "SafeDIG - Wan 2.1 text-to-video": {"loader": "ModelSamplingSD3", "steps": 30, "cfg": 6.0,
+                                        "dictionary": "safedig_wan21_t2v_1.3b.safetensors",
+                                        "latent": "EmptyHunyuanLatentVideo", "save": "SaveAnimatedWEBP"},
 }
 TESTBED = "SafeDIG - Testbed steering on a CPU"
 BUILD = "SafeDIG - Build a dictionary"
@@ -35,6 +49,7 @@ FILE_COMBOS = {  # combos listing model files: their options depend on what the 
     ("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
     ("TripleCLIPLoader", "clip_name1"), ("TripleCLIPLoader", "clip_name2"), ("TripleCLIPLoader", "clip_name3"),
     ("VAELoader", "vae_name"), ("CheckpointLoaderSimple", "ckpt_name"), ("SafeDIGLoadDictionary", "dictionary_name"),
+    ("CLIPLoader", "clip_name"), *(("QuadrupleCLIPLoader", f"clip_name{i}") for i in range(1, 5)),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL = "control_after_generate"
@@ -204,7 +219,7 @@ def test_workflow_steers_between_loader_and_sampler(name, object_info):
     assert api[dictionary]["inputs"]["dictionary_name"] == want["dictionary"]
     assert (ks["steps"], ks["cfg"]) == (want["steps"], want["cfg"])
     assert api[steer]["inputs"]["blend"] > 0 and api[steer]["inputs"]["repel"] > 0
-    for kind in ("EmptySD3LatentImage", "VAEDecode", "SaveImage"):
+    for kind in (want.get("latent", "EmptySD3LatentImage"), "VAEDecode", want.get("save", "SaveImage")):
         assert kind in by_type, f"{name} lacks {kind}"
 
 

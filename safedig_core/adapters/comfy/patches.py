@@ -25,7 +25,7 @@ from ...positions import Position
 from ...schedule import half_rows, in_window, schedule_progress, schedule_step
 from ...steering import PositionSteerer, SteeringConfig
 
-TOKEN_LAYOUT = "safedig_token_layout"  # transformer_options key: (text tokens, output image tokens)
+TOKEN_LAYOUT = "safedig_token_layout"  # transformer_options key: (text tokens, output image tokens[, image start])
 SCHEDULE = "safedig_schedule"  # transformer_options key: (sigmas, step, progress) of this model call
 GATE = "safedig_gate"  # transformer_options key: {SharedGate: CallDecision} of this model call
 WRAPPER_KEY = "safedig"
@@ -177,24 +177,31 @@ def step_of(to: dict) -> int | None:
 
 def stream_span(p: Position, out: dict, to: dict):
     """Where position `p` lies in a block's output: (key of `out`, first token, end token), or None
-    when the block has no such stream (MMDiT's last block returns no text)."""
+    when the block has no such stream (MMDiT's last block returns no text). The token layout (see
+    TOKEN_LAYOUT) may add, after (text, image) tokens: where the image starts in a single-stream sequence
+    (Z-Image: after the caption pads; HunyuanImage: after reference images), where the text starts there
+    (HunyuanImage: after the image) and where the image starts in the double blocks' image stream."""
+    lay = to.get(TOKEN_LAYOUT, ())
     if p.kind == "single":
         txt_len, img_len = token_layout(to, out["img"].shape[1])
-        return ("img", 0, txt_len) if p.stream == "txt" else ("img", txt_len, txt_len + img_len)
+        img_start = lay[2] if len(lay) > 2 else txt_len
+        txt_start = lay[3] if len(lay) > 3 else 0
+        return ("img", txt_start, txt_start + txt_len) if p.stream == "txt" else ("img", img_start, img_start + img_len)
     x = out.get(p.stream)
     if x is None:
         return None
-    stop = x.shape[1]
-    if p.stream == "img" and TOKEN_LAYOUT in to:
-        stop = min(stop, to[TOKEN_LAYOUT][1])  # reference-image tokens follow the image
-    return (p.stream, 0, stop)
+    start, stop = 0, x.shape[1]
+    if p.stream == "img" and lay:
+        start = lay[4] if len(lay) > 4 else 0
+        stop = min(stop, start + lay[1])  # reference-image tokens follow the image
+    return (p.stream, start, stop)
 
 
 def token_layout(to: dict, total: int) -> tuple[int, int]:
     """(text tokens, output image tokens) of a single-stream sequence of `total` tokens."""
     img_len = None
     if TOKEN_LAYOUT in to:
-        txt_len, img_len = to[TOKEN_LAYOUT]
+        txt_len, img_len = to[TOKEN_LAYOUT][:2]
     elif "img_slice" in to:
         txt_len = to["img_slice"][0]
     else:

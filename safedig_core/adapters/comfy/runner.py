@@ -20,7 +20,7 @@ class ComfyRunner:
     """Samples with ComfyUI (comfy.sample.sample: the KSampler path) through `runtime.recording_model`.
 
     model: a ComfyUI ModelPatcher (FLUX or SD3); encode(prompt) -> (positive, negative) CONDITIONING;
-    latent_shape: (channels, height/8, width/8) of one empty latent; name: the model's identity in the
+    latent_shape: one empty latent without the batch (`families.latent_shape`); name: the model's identity in the
     store's config."""
 
     def __init__(self, model, encode: Callable[[str], tuple], cfg: float = 1.0, sampler: str = "euler",
@@ -173,5 +173,6 @@ def runner_from_files(tiny: str | None = None, model: str | None = None, checkpo
         encode = clip_encoder(clip, family, negative, guidance)
         name = f"{os.path.basename(path)}#{model_fingerprint(model)}"
     cfg = cfg if cfg is not None else (1.0 if family == "flux" else 4.0)
-    channels = model.get_model_object("latent_format").latent_channels
-    return ComfyRunner(model, encode, cfg, sampler, scheduler, (channels, size[1] // 8, size[0] // 8), name)
+    from .families import latent_shape
+
+    return ComfyRunner(model, encode, cfg, sampler, scheduler, latent_shape(model, *size), name)

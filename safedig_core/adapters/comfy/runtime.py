@@ -182,6 +182,63 @@ def tiny_wan(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, cont
     return _patcher(comfy.supported_models.WAN21_T2V(cfg), seed)
 
 
+def tiny_lumina2(seed: int = 0, layers: int = 2, dim: int = 64, heads: int = 2, context_dim: int = 64):
+    """A random-weight Lumina 2 (NextDiT: caption and noise refiners, then joint layers over [caption | img];
+    16-channel latent, patch 2; no block-replace protocol in ComfyUI) in a ModelPatcher."""
+    import comfy.supported_models
+
+    pe = dim // heads
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim, "cap_feat_dim": context_dim,
+           "n_layers": layers, "n_refiner_layers": 1, "qk_norm": True, "n_heads": heads, "n_kv_heads": heads,
+           "axes_dims": [pe - 2 * (pe // 3), pe // 3, pe // 3], "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
+           "ffn_dim_multiplier": 4.0, "multiple_of": 16}
+    return _patcher(comfy.supported_models.Lumina2(cfg), seed)
+
+
+def tiny_z_image(seed: int = 0, layers: int = 2, dim: int = 256, heads: int = 4, context_dim: int = 64):
+    """A random-weight Z-Image (NextDiT with Z-Image's modulation; caption and image each padded to a multiple
+    of 32 tokens; its timestep embedding needs dim >= 256) in a ModelPatcher."""
+    import comfy.supported_models
+
+    pe = dim // heads
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim, "cap_feat_dim": context_dim,
+           "n_layers": layers, "n_refiner_layers": 1, "qk_norm": True, "n_heads": heads, "n_kv_heads": heads,
+           "axes_dims": [pe - 2 * (3 * pe // 8), 3 * pe // 8, 3 * pe // 8], "axes_lens": [1536, 512, 512],
+           "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+           "pad_tokens_multiple": 32, "multiple_of": 16}
+    return _patcher(comfy.supported_models.ZImage(cfg), seed)
+
+
+def tiny_hunyuan_image(seed: int = 0, depth: int = 2, single: int = 2, hidden: int = 64, heads: int = 2,
+                       context_dim: int = 64, byt5: bool = False):
+    """A random-weight HunyuanImage 2.1 (double and single blocks, single stream [img | txt] image first;
+    64-channel latent at 32x downsampling, patch 1) in a ModelPatcher."""
+    import comfy.supported_models
+
+    pe = hidden // heads
+    cfg = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+           "vec_in_dim": None, "axes_dim": [pe // 2, pe // 2], "meanflow": False, "context_in_dim": context_dim,
+           "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
+           "depth_single_blocks": single, "theta": 256, "qkv_bias": True, "byt5": byt5, "guidance_embed": False,
+           "use_cond_type_embedding": False, "vision_in_dim": None}
+    return _patcher(comfy.supported_models.HunyuanImage21(cfg), seed)
+
+
+def tiny_hidream(seed: int = 0, depth: int = 2, single: int = 2, heads: int = 2, head_dim: int = 32,
+                 context_dim: int = 64, llama_layers: int = 4):
+    """A random-weight HiDream (double and single blocks with mixture-of-experts FFNs; text from T5 and
+    `llama_layers` Llama layers, conditioning key `conditioning_llama3` [B, layers, T, C]; 16-channel latent,
+    patch 2; no block-replace protocol in ComfyUI) in a ModelPatcher."""
+    import comfy.supported_models
+
+    cfg = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": depth,
+           "num_single_layers": single, "attention_head_dim": head_dim, "num_attention_heads": heads,
+           "caption_channels": [context_dim, context_dim], "text_emb_dim": context_dim, "num_routed_experts": 4,
+           "num_activated_experts": 2, "axes_dims_rope": [head_dim // 2, head_dim // 4, head_dim // 4],
+           "max_resolution": [32, 32], "llama_layers": [i % llama_layers for i in range(depth + single)]}
+    return _patcher(comfy.supported_models.HiDream(cfg), seed)
+
+
 def tiny_sd3(seed: int = 0, depth: int = 2, context_dim: int = 64, adm_dim: int = 2048):
     """A random-weight SD3 MMDiT (width 64·depth; the last block context-pre-only) in a ModelPatcher."""
     import comfy.model_management
@@ -222,16 +279,24 @@ def patched(model, positions, make, layout=None):
     is untouched."""
     import comfy.patcher_extension
 
-    from .families import needs_token_layout, record_token_layout
+    from .families import add_block_slots, patch_key, steer_text_input, token_layout_wrapper
     from .patches import WRAPPER_KEY, install
 
     layout = layout or layout_of(model)
     m = model.clone()
-    existing = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    install(lambda patch, slot: m.set_model_patch_replace(patch, "dit", *slot), existing.get, positions, make)
+
+    def existing(slot):
+        return m.model_options["transformer_options"].get("patches_replace", {}).get(patch_key(layout.family, slot), {}).get(slot)
+
+    install(lambda patch, slot: m.set_model_patch_replace(patch, patch_key(layout.family, slot), *slot), existing,
+            positions, make)
+    add_block_slots(m, layout.family, positions)
     wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-    if needs_token_layout(layout.family) and not m.get_wrappers(wrappers, WRAPPER_KEY):
-        m.add_wrapper_with_key(wrappers, WRAPPER_KEY, record_token_layout)
+    wrapper = token_layout_wrapper(layout.family)
+    if wrapper is not None and not m.get_wrappers(wrappers, WRAPPER_KEY):
+        m.add_wrapper_with_key(wrappers, WRAPPER_KEY, wrapper)
+    if any(p.kind == "input" for p in positions) and not m.get_wrappers(wrappers, WRAPPER_KEY + "_input"):
+        m.add_wrapper_with_key(wrappers, WRAPPER_KEY + "_input", steer_text_input)
     return m
 
 
