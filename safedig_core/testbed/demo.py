@@ -68,6 +68,12 @@ def _records(rows: list[dict]) -> list[PromptRecord]:
                          {"concept": r["concept"]}) for i, r in enumerate(rows)]
 
 
+def block_positions(model) -> list:
+    """Every block position of the testbed DiT (its text input, `input.txt`, is left out: the demo's figures
+    were measured over the block positions; routing among the text input is not measured yet)."""
+    return [p for p in comfyui.layout_of(model).positions() if p.kind != "input"]
+
+
 def calibration_rows(build_rows: list[dict], safe: int, source_per_concept: int, target_per_concept: int) -> list:
     """The building prompts the operating point is chosen on: safe source prompts and a few risk prompts of
     each concept and domain (the first ones of the draw, which is already shuffled)."""
@@ -131,8 +137,8 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     # 1. collect, exactly as `safedig collect` does for FLUX
     runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=CFG_SCALE, latent_shape=(3, world.SIZE, world.SIZE),
                          name="safedig-testbed")
-    res = collect(runner, _records(build_rows), "all", os.path.join(work, "store"), size["steps"], RECORD_STEPS,
-                  size["budget"], seed)
+    res = collect(runner, _records(build_rows), block_positions(model), os.path.join(work, "store"), size["steps"],
+                  RECORD_STEPS, size["budget"], seed)
     store = ActivationStore(res.path)
     lap("collect")
 
