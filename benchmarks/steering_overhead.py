@@ -10,7 +10,15 @@ the median over runs, so that other load shifts numerator and denominator alike.
 per configuration and checks that the decode is sparse: the only products over all latents are the
 encoder's, and the full decoder W_dec is never read.
 
+It then sets the exact gate beside the fast one (`SteeringConfig.fast_gate`, `safedig_core/fast_gate.py`): each
+one's cost, the time to decide which tokens the gate passes, as a share of the unsteered block (goal for the
+fast gate ≤ 5 %), on a safe input (no harmful direction written in) and the two planted ones; and its agreement
+with the exact gate (goal ≥ 99 % of tokens, no token missed that the exact gate passes with a mass above 2
+gate units), on those planted sets and on the testbed's own activations (the committed testbed DiT sampled
+through ComfyUI, recorded at its committed dictionary's positions, gated at τ = 1 per token and per image).
+
     python benchmarks/steering_overhead.py            # full size: ~5 minutes on 2 cores, ~3.5 GB
+    python benchmarks/steering_overhead.py --gate-only    # only the gate comparison, about a minute
     python benchmarks/steering_overhead.py --quick    # smoke run in seconds
 """
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safedig_core import fast_gate
 from safedig_core.adapters.comfy import runtime as comfyui
 from safedig_core.sae import SparseAutoencoder
 from safedig_core.steering import PositionSteerer, SteeringConfig
@@ -139,6 +148,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
+    ap.add_argument("--gate-only", action="store_true", help="only the exact vs fast gate comparison")
+    ap.add_argument("--probes", type=int, default=None, help="the fast gate's probe latents (default: its own)")
+    ap.add_argument("--testbed-prompts", type=int, default=16, help="testbed prompts recorded (0: skip the testbed)")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
     hidden, heads = 3072, 24
@@ -168,6 +180,17 @@ def main(argv=None):
 
     def run_block(img):  # the block adds into its img and txt inputs in place: give it copies
         return block(img.clone(), txt.clone(), vec, pe)[0]
+
+    if a.probes is not None:
+        fast_gate.PROBES = a.probes
+    if a.gate_only:
+        with torch.inference_mode():
+            gate = compare_gates(steerer, {"safe": img0, **inputs}, run_block, tau, a.repeats, a.testbed_prompts)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"args": vars(a), "hidden": hidden, "threads": torch.get_num_threads(), "gate": gate}, f,
+                          indent=2)
+        return 0 if gate["agree"] else 1
 
     W_enc, x_enc = sae.W_enc.detach(), torch.randn(a.tokens, hidden, generator=g)
     floor = lambda _: x_enc @ W_enc.T
@@ -220,11 +243,117 @@ def main(argv=None):
     print("\n".join(trace_lines))
     print(f"sparse decode: {'yes' if sparse_ok else 'NO'} (no dense product over all latents besides the encoder; "
           f"W_dec never read)")
+    with torch.inference_mode():
+        gate = compare_gates(steerer, {"safe": img0, **inputs}, run_block, tau, a.repeats, a.testbed_prompts)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "hidden": hidden, "threads": torch.get_num_threads(),
-                       "unsteered_ms": base, "floor_ms": floor_ms, "configs": rows, "sparse_decode": sparse_ok}, f, indent=2)
-    return 0 if sparse_ok else 1
+                       "unsteered_ms": base, "floor_ms": floor_ms, "configs": rows, "sparse_decode": sparse_ok,
+                       "gate": gate}, f, indent=2)
+    return 0 if sparse_ok and gate["agree"] else 1
+
+
+def exact_gate(steerer: PositionSteerer, x: torch.Tensor, floor: float) -> torch.Tensor:
+    """[N] bool: the exact gate's decision per token (full TopK encode of every token)."""
+    return steerer.harmful_mass(x.reshape(-1, x.shape[-1])) > floor
+
+
+def fast_decision(steerer: PositionSteerer, x: torch.Tensor, floor: float) -> tuple[torch.Tensor, int]:
+    """([N] bool, tokens the screen let through to the full encode): the fast gate's decision per token."""
+    sae, lookup = steerer._derived(x.device, x.dtype)[:2]
+    xs = sae.prepare(x.reshape(-1, x.shape[-1]))
+    through = [0]
+
+    def codes(ys):
+        through[0] = ys.shape[0]
+        return steerer.harmful_codes(sae, ys, lookup)
+
+    token, _ = fast_gate.gated_codes(sae, steerer.harmful, xs, floor, codes)
+    out = torch.zeros(xs.shape[0], dtype=torch.bool)
+    out[token] = True
+    return out, through[0]
+
+
+def agreement(steerer, x, floor, unit) -> dict:
+    """Fast vs exact decisions on tokens x: share agreeing, tokens the fast gate missed that the exact gate passes
+    with mass above 2 `unit`s, share of tokens screened through to the full encode."""
+    mass = steerer.harmful_mass(x.reshape(-1, x.shape[-1])).float()
+    exact = mass > floor
+    fast, through = fast_decision(steerer, x, floor)
+    return {"tokens": int(exact.numel()), "agree": float((fast == exact).float().mean()),
+            "missed_above_2_units": int((exact & ~fast & (mass > 2 * unit)).sum()), "exact_pass": float(exact.float().mean()),
+            "screened": through / max(exact.numel(), 1)}
+
+
+def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, testbed_prompts: int) -> dict:
+    """The exact and the fast gate side by side on the block's outputs for `inputs`, then on testbed activations."""
+    outs = {name: run_block(img) for name, img in inputs.items()}
+    floor = tau * steerer.gate_scale
+    for x in outs.values():  # warm-up (also builds the fast gate's screen)
+        exact_gate(steerer, x, floor), fast_decision(steerer, x, floor)
+    fns = {"block": lambda: segments(lambda _: run_block(inputs["safe"]))[0]}
+    for name, x in outs.items():
+        fns[f"exact {name}"] = lambda x=x: segments(lambda _: exact_gate(steerer, x, floor))[0]
+        fns[f"fast {name}"] = lambda x=x: segments(lambda _: fast_decision(steerer, x, floor))[0]
+    med, _ = medians(fns, repeats)
+    block_ms = med["block"][0] * 1e3
+    sc = fast_gate.screen(steerer._derived(torch.device("cpu"), torch.float32)[0], steerer.harmful)
+    print(f"\ngate cost: exact (full TopK encode of every token) vs fast (screen on {sc.h} harmful + "
+          f"{sc.W.shape[0] - sc.h} probe rows, full encode where the gate may pass), τ={tau} × unit "
+          f"{steerer.gate_scale:g}; share = gate time / unsteered block ({block_ms:.1f} ms), median of {repeats}; "
+          "goal for the fast gate ≤ 5 %")
+    print(f"{'input':<10}{'exact ms':>10}{'share':>8}{'fast ms':>10}{'share':>8}{'speed-up':>10}{'screened':>10}"
+          f"{'agree':>9}{'missed':>8}")
+    rows, ok = [], True
+    for name, x in outs.items():
+        e_ms, f_ms = med[f"exact {name}"][0] * 1e3, med[f"fast {name}"][0] * 1e3
+        ag = agreement(steerer, x, floor, steerer.gate_scale)
+        ok &= ag["agree"] >= 0.99 and ag["missed_above_2_units"] == 0
+        rows.append({"input": name, "exact_ms": e_ms, "fast_ms": f_ms, "exact_share": e_ms / block_ms,
+                     "fast_share": f_ms / block_ms, **ag})
+        print(f"{name:<10}{e_ms:>10.1f}{e_ms / block_ms:>8.1%}{f_ms:>10.1f}{f_ms / block_ms:>8.1%}"
+              f"{e_ms / f_ms:>9.1f}x{ag['screened']:>10.1%}{ag['agree']:>9.2%}{ag['missed_above_2_units']:>8}  "
+              f"{'ok' if f_ms / block_ms <= 0.05 else 'ABOVE 5 %'}")
+    testbed = testbed_agreement(testbed_prompts) if testbed_prompts else []
+    for r in testbed:
+        ok &= r["agree"] >= 0.99 and r["missed_above_2_units"] == 0
+    print(f"gate agreement: {'yes' if ok else 'NO'} (≥ 99 % of tokens, no token missed above 2 gate units)")
+    return {"block_ms": block_ms, "planted": rows, "testbed": testbed, "agree": ok,
+            "probes": int(sc.W.shape[0] - sc.h)}
+
+
+def testbed_agreement(n_prompts: int, steps: int = 4) -> list[dict]:
+    """The fast vs exact gate on the committed testbed DiT's own activations at its committed dictionary's
+    positions (τ = 1 per token; per image, the flags of each image row)."""
+    from safedig_core.formats.dictionary import load
+    from safedig_core.testbed import world
+    from safedig_core.testbed.dictionary import PATH
+    from safedig_core.testbed.model import generate, load_testbed
+
+    d = load(PATH)
+    model, encode_fn = load_testbed()
+    rows = world.prompt_sets(0)["eval"]
+    rows = [rows[i] for i in torch.linspace(0, len(rows) - 1, n_prompts).round().long().tolist()]
+    acts = {p: [] for p in d.entries}
+    rec = comfyui.recording_model(model, list(d.entries), lambda p, x, to: acts[p].append(x.float().clone()))
+    generate(rec, encode_fn, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps=steps)
+    unsafe = sum(r["label"] == "unsafe" for r in rows)
+    print(f"testbed activations: {len(rows)} prompts ({unsafe} unsafe), {steps} steps, cond and uncond rows; "
+          "committed testbed dictionary, τ = 1")
+    print(f"{'position':<14}{'latents':>8}{'tokens':>8}{'exact pass':>11}{'screened':>10}{'agree':>9}{'missed':>8}"
+          f"{'images':>8}{'flags agree':>12}")
+    out = []
+    for p, e in d.entries.items():
+        st = e.steerer()
+        x = torch.cat(acts[p])
+        ag = agreement(st, x, st.gate_scale, st.gate_scale)
+        cfg = SteeringConfig(repel=1.0, threshold=1.0, gate="image")
+        flags = float((st.flag_images(x, cfg) == st.flag_images(x, cfg.with_(fast_gate=True))).float().mean())
+        out.append({"position": str(p), "latents": e.sae.latents, **ag, "images": x.shape[0], "image_flags_agree": flags})
+        print(f"{str(p):<14}{e.sae.latents:>8}{ag['tokens']:>8}{ag['exact_pass']:>11.1%}{ag['screened']:>10.1%}"
+              f"{ag['agree']:>9.2%}{ag['missed_above_2_units']:>8}{x.shape[0]:>8}{flags:>12.2%}")
+        out[-1]["agree"] = min(ag["agree"], flags)
+    return out
 
 
 if __name__ == "__main__":

@@ -30,9 +30,14 @@ from torch import Tensor
 
 from .sae import SparseAutoencoder
 
-PROBES = 2048  # probe latents per SAE (at most all the non-harmful ones)
+PROBES: int | None = None  # probe latents per SAE; None: `default_probes` (at most all the non-harmful ones)
 
 _screens: "weakref.WeakKeyDictionary[SparseAutoencoder, tuple]" = weakref.WeakKeyDictionary()
+
+
+def default_probes(sae: SparseAutoencoder) -> int:
+    """About 1/24 of the latents (4 % of the full encode's product), at least 2k."""
+    return max(2 * sae.k, sae.latents // 24)
 
 
 def _unit(dtype: torch.dtype) -> float:
@@ -43,15 +48,17 @@ class Screen:
     """The harmful and probe rows of one TopK SAE's encoder (its working copy: device and dtype as the model
     runs), in the accumulation precision."""
 
-    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, probes: int = PROBES):
+    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None):
         dev, dtype = sae.W_enc.device, sae.W_enc.dtype
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         H = harmful.to(dev).long()
         others = torch.ones(sae.latents, dtype=torch.bool, device=dev)
         others[H] = False
-        rest = others.nonzero().squeeze(1)
-        m = min(probes, rest.numel())
-        pick = rest[torch.linspace(0, rest.numel() - 1, m, device=dev).round().long()] if m else rest[:0]
+        # Any probes give a valid bound; the ones whose pre-activations tend to run high give a tight one. Scaled
+        # inputs have ‖x‖² ≈ d, so a latent's pre-activation spreads about b_j ± ‖w_j‖: take the largest b_j + 2‖w_j‖.
+        reach = (sae.b_enc.float() + 2 * sae.W_enc.float().norm(dim=1)).masked_fill(~others, -float("inf"))
+        m = min(default_probes(sae) if probes is None else probes, int(others.sum()))
+        pick = reach.topk(m).indices
         rows = torch.cat([H, pick])
         self.h, self.k, self.d = len(H), sae.k, sae.d
         self.W = sae.W_enc[rows].to(self.acc)
@@ -84,12 +91,21 @@ class Screen:
 
 def screen(sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None) -> Screen:
     """The `Screen` of this SAE (working copy), made once and remade if its encoder was changed in place."""
-    probes = PROBES if probes is None else probes
-    key = (sae.W_enc._version, sae.b_enc._version, tuple(harmful.tolist()), probes)
+    probes = PROBES if probes is None else probes  # None: the Screen's default
+    key = (_version(sae.W_enc), _version(sae.b_enc), tuple(harmful.tolist()), probes)
     got = _screens.get(sae)
     if got is None or got[0] != key:
         got = _screens[sae] = (key, Screen(sae, harmful, probes))
     return got[1]
+
+
+def _version(t: Tensor):
+    """The tensor's in-place version counter; tensors made under `torch.inference_mode()` (ComfyUI's executor)
+    keep none, and are then known by their storage."""
+    try:
+        return t._version
+    except RuntimeError:
+        return ("inference", t.data_ptr())
 
 
 def gated_codes(sae: SparseAutoencoder, harmful: Tensor, xs: Tensor, floor: float, codes) -> tuple[Tensor, Tensor]:

@@ -111,6 +111,11 @@ def _detect_problems(detect, gate: str) -> list[str]:
     return []
 
 
+def _on(sae: SparseAutoencoder, device: torch.device) -> bool:
+    at = sae.W_enc.device
+    return at.type == device.type and (at.index is None or device.index is None or at.index == device.index)
+
+
 class PositionSteerer:
     """One position's SAE and harmful latents, with the derived tensors steering needs, cast once to the
     model's device and dtype (`to`)."""
@@ -138,15 +143,25 @@ class PositionSteerer:
         self._derived(torch.device(device) if device is not None else w.device, dtype or w.dtype)
         return self
 
-    def _derived(self, device, dtype):
+    def hold(self, device, dtype) -> SparseAutoencoder:
+        """The encoder-side working copy for `device`/`dtype`, a module of its own even where the master weights
+        match, for a host's memory manager to count and move (`adapters/comfy/memory.py`); steering keeps
+        using it wherever that manager puts it."""
+        return self._derived(torch.device(device), dtype, own=True)[0]
+
+    def _derived(self, device, dtype, own: bool = False):
         key = (device, dtype)
-        if key not in self._cache:
+        hit = self._cache.get(key)
+        if hit is None or not _on(hit[0], device) or (own and hit[0] is self.sae):
+            # a copy a memory manager moved here is used as it is
+            held = [v[0] for v in self._cache.values()
+                    if v[0] is not self.sae and _on(v[0], device) and v[0].W_enc.dtype == dtype]
             self._cache.clear()  # one working copy at a time: the model runs on one device and dtype
             master = self.sae
             H = self.harmful.to(master.W_dec.device)
             D_H = master.W_dec[H].to(device, torch.float32)
-            sae = master
-            if master.W_enc.device != device or master.W_enc.dtype != dtype:
+            sae = held[0] if held else master
+            if not held and (own or master.W_enc.device != device or master.W_enc.dtype != dtype):
                 # The working copy needs only the encoder side: decoding touches the harmful rows alone.
                 sae = SparseAutoencoder(master.d, master.latents, master.k, master.activation,
                                         normalize=master.normalize)

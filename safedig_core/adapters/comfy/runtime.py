@@ -306,8 +306,13 @@ def steer_model(model, store, positions, cfg, layout=None):
     from ...gate import plan
     from .patches import BlockSteering, SharedGate
 
+    from .memory import track
+
     gate = SharedGate(plan(cfg, list(positions), sorted(store.steerers)))
-    return patched(model, gate.plan.positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev, gate), layout)
+    m = patched(model, gate.plan.positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev, gate), layout)
+    if not cfg.is_identity:
+        track(m, store, gate.plan.positions)  # ComfyUI's model management counts and moves the SAE weights
+    return m
 
 
 def recording_model(model, positions, record, layout=None):
