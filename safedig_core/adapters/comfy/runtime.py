@@ -304,9 +304,8 @@ def steer_model(model, store, positions, cfg, layout=None):
     """A clone of `model` that steers at `positions` through `store`; the node and the CLI both come here.
     With a per-image gate detecting elsewhere (`cfg.detect`), the detecting positions get patches too."""
     from ...gate import plan
-    from .patches import BlockSteering, SharedGate
-
     from .memory import track
+    from .patches import BlockSteering, SharedGate
 
     gate = SharedGate(plan(cfg, list(positions), sorted(store.steerers)))
     m = patched(model, gate.plan.positions, lambda ps, prev: BlockSteering(store, ps, cfg, prev, gate), layout)
