@@ -15,6 +15,7 @@ GPUs. Every figure of docs/SCALING.md comes from this script's output.
 
     python benchmarks/scaling.py                  # ~2 minutes on 2 cores
     python benchmarks/scaling.py --device cuda    # training speed measured on the GPU
+    python benchmarks/scaling.py --memory         # device memory steering keeps per position (seconds)
 """
 from __future__ import annotations
 
@@ -71,6 +72,28 @@ def training_tokens_per_s(device: str, latents: int, k: int, batch: int, steps: 
     return batch * steps / (time.perf_counter() - t)
 
 
+def steering_memory(width: int, expansion: int = 16, k: int = 32, harmful: int = 32,
+                    dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Bytes steering keeps on the device for one position, from the objects themselves (built on the meta
+    device, no memory used): the encoder-side working copy ComfyUI counts (`PositionSteerer.hold`, sized as
+    `comfy.model_management.module_size` sizes a module), and what stays outside that count (harmful decoder
+    rows and their Gram matrix, the fast gate's screen rows)."""
+    from safedig_core import fast_gate
+    from safedig_core.sae import SparseAutoencoder
+    from safedig_core.steering import PositionSteerer
+
+    with torch.device("meta"):
+        sae = SparseAutoencoder(width, expansion * width, k)
+        st = PositionSteerer(sae, torch.arange(harmful))
+        held = st.hold("meta", dtype)
+        _, _, D_H, gram, _ = st._derived(torch.device("meta"), dtype)
+    counted = sum(t.nelement() * t.element_size() for t in held.state_dict().values())
+    screen_rows = harmful + fast_gate.default_probes(sae)  # fast_gate.Screen: rows, biases, norms in float32
+    outside = sum(t.nelement() * t.element_size() for t in (D_H, gram)) + screen_rows * (width + 2) * 4
+    return {"width": width, "latents": expansion * width, "harmful": harmful, "dtype": str(dtype),
+            "counted_bytes": counted, "outside_bytes": outside}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -85,7 +108,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="training steps measured")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--memory", action="store_true",
+                    help="only the device memory steering keeps per position, FLUX.1 (3072) and SD3.5 Large (2432)")
     args = ap.parse_args()
+    if args.memory:
+        rows = [steering_memory(w) for w in (WIDTH, 2432)]
+        for name, r in zip(("FLUX.1", "SD3.5 Large"), rows):
+            print(f"{name} width {r['width']}, 16x ({r['latents']} latents), {r['dtype'].split('.')[-1]}: "
+                  f"{r['counted_bytes'] / 2**30:.3f} GiB per position counted by ComfyUI (encoder side), "
+                  f"+{r['outside_bytes'] / 2**20:.1f} MiB outside it ({r['harmful']} harmful latents; fast gate "
+                  "screen included)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     latents, k = 16 * WIDTH, 32
     size = store_bytes_per_prompt(args.positions, args.record_steps, args.budget)
     measured = training_tokens_per_s(args.device, latents, k, args.batch, args.steps)

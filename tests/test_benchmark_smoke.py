@@ -35,6 +35,29 @@ def test_steering_overhead_quick(tmp_path):
     assert all(c["ratio"] > 0 and c["ms"] > 0 for c in result["configs"])
 
 
+def test_steering_overhead_gate_comparison_quick(tmp_path):
+    """--gate-only at the --quick sizes: the exact and fast gates' cost lines, and their agreement on the planted
+    inputs and on a couple of testbed prompts' activations."""
+    from safedig_core.adapters.comfy.runtime import ComfyUINotFound, comfyui_path
+
+    try:
+        comfyui_path()
+    except ComfyUINotFound as e:
+        pytest.skip(str(e))
+    out = tmp_path / "gate.json"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "steering_overhead.py"), "--quick",
+                          "--gate-only", "--threads", "1", "--testbed-prompts", "2", "--json", str(out)],
+                         check=False, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = re.findall(r"^(safe|10%|100%) .*\d+\.\d%\s+100\.00%\s+0  (ok|ABOVE 5 %)$", run.stdout, re.MULTILINE)
+    assert len(lines) == 3, run.stdout
+    assert "gate agreement: yes" in run.stdout
+    gate = json.loads(out.read_text())["gate"]
+    assert gate["agree"] and len(gate["planted"]) == 3 and gate["testbed"]
+    assert all(r["fast_ms"] > 0 and r["exact_ms"] > 0 and r["agree"] == 1.0 for r in gate["planted"])
+    assert all(r["missed_above_2_units"] == 0 and r["image_flags_agree"] == 1.0 for r in gate["testbed"])
+
+
 def test_sae_training_benchmark_quick(tmp_path):
     """benchmarks/sae_training.py runs both trainers on the same batches and prints the two ratios."""
     out = tmp_path / "result.json"
