@@ -15,7 +15,7 @@ CORE = "safedig_core"
 
 # Layer of each part of the core, lowest first. A module may import its own part and any part of a lower
 # layer; `ALSO` lists the extra parts a part may import. The maths modules sit at the top of the package.
-MATHS = {"safedig_core", "safedig_core.positions", "safedig_core.sae", "safedig_core.steering",
+MATHS = {"safedig_core", "safedig_core.positions", "safedig_core.sae", "safedig_core.steering", "safedig_core.fast_gate",
          "safedig_core.schedule", "safedig_core.gate", "safedig_core.__main__"}
 LAYERS = {
     "maths": 0,
