@@ -156,6 +156,7 @@ def main(argv=None):
     hidden, heads = 3072, 24
     if a.quick:
         hidden, heads, a.tokens, a.latents, a.k, a.harmful, a.repeats = 256, 2, 64, 2048, 16, 8, 3
+        a.testbed_prompts = min(a.testbed_prompts, 2)
     if a.threads:
         torch.set_num_threads(a.threads)
     comfyui.bootstrap(cpu=True)
