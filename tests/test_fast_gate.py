@@ -70,7 +70,9 @@ def test_fast_gate_steers_as_exact_gate(seed, d, latents, k, h, probes, threshol
         fast_gate.PROBES = probes  # the decision must not depend on how many probes screen
         fast = steerer.steer(x, cfg.with_(fast_gate=True), rows)
         if gate == "image":
-            assert torch.equal(steerer.flag_images(x, cfg.with_(fast_gate=True)), steerer.flag_images(x, cfg))
+            for halves in (None, [0, 1], [1, 0], [1, 1]):  # each row an image; an image's cond and uncond rows
+                assert torch.equal(steerer.flag_images(x, cfg.with_(fast_gate=True), halves),
+                                   steerer.flag_images(x, cfg, halves))
     finally:
         fast_gate.PROBES = old
     exact = steerer.steer(x, cfg, rows)
