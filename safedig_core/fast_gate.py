@@ -3,7 +3,8 @@
 The exact gate (`steering.PositionSteerer`) encodes every token against all L latents to find its TopK code,
 then sums the harmful codes: g = Σ_{j∈H} z_j. Most tokens of a safe image carry g far below the threshold.
 The fast gate first computes only a few pre-activations per token, those of the harmful latents H and of m
-"probe" latents P (a fixed subset of the others), and from them an upper bound B ≥ g:
+"probe" latents P (a fixed subset of the others: by default about L/24, those whose pre-activations tend to run
+highest), and from them an upper bound B ≥ g:
 
 - a harmful latent j is in the TopK code only if its pre-activation p_j is at least c_k, the k-th largest
   pre-activation over all latents; c_k is at least the k-th largest over any subset, so over H ∪ P;
