@@ -39,6 +39,7 @@ APPLY_INPUTS = [
     ("preserve_norm", "BOOLEAN", {"default": False}),
     ("gate", "COMBO", {"default": "per token"}),
     ("detect_at", "COMBO", {"default": "each position"}),
+    ("fast_gate", "BOOLEAN", {"default": False}),
 ]
 STEER = {"blend": 1.0, "repel": 1.0, "threshold": 0.0, "start_percent": 0.0, "end_percent": 1.0,
          "apply_to": "both", "positions": "all", "preserve_norm": False}
@@ -81,7 +82,7 @@ def execution_error(entry: dict) -> dict:
     return errors[0]
 
 
-OPTIONAL = {"gate", "detect_at"}  # added after workflows were saved: optional, so older API prompts still run
+OPTIONAL = {"gate", "detect_at", "fast_gate"}  # added after workflows were saved: optional, so older API prompts still run
 
 
 def check_inputs(info: dict, expected: list):
