@@ -91,9 +91,10 @@ class Screen:
 
 
 def screen(sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None) -> Screen:
-    """The `Screen` of this SAE (working copy), made once and remade if its encoder was changed in place."""
+    """The `Screen` of this SAE (working copy), made once and remade if its encoder was changed or moved."""
     probes = PROBES if probes is None else probes  # None: the Screen's default
-    key = (_version(sae.W_enc), _version(sae.b_enc), tuple(harmful.tolist()), probes)
+    # a memory manager may move the working copy (adapters/comfy/memory.py): the screen follows it
+    key = (sae.W_enc.device, sae.W_enc.dtype, _version(sae.W_enc), _version(sae.b_enc), tuple(harmful.tolist()), probes)
     got = _screens.get(sae)
     if got is None or got[0] != key:
         got = _screens[sae] = (key, Screen(sae, harmful, probes))

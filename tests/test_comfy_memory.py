@@ -86,3 +86,8 @@ def test_held_copy_is_what_steering_uses():
         held.b_enc.fill_(-1.0)
     assert torch.equal(st.steer(x, STEER), x)
     assert isinstance(st, PositionSteerer)
+    # the manager moves the module in place (here to another dtype, as it would to another device): steering
+    # follows it there rather than making a second copy
+    patcher.model.to(torch.float64)
+    assert torch.equal(st.steer(x.double(), STEER), x.double())
+    assert st._derived(torch.device("cpu"), torch.float64)[0] is held

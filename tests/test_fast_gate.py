@@ -100,7 +100,10 @@ def test_screen_follows_in_place_changes():
     assert fast_gate.screen(sae, H) is first
     with torch.no_grad():
         sae.W_enc[H[0]] *= 2
-    assert fast_gate.screen(sae, H) is not first
+    second = fast_gate.screen(sae, H)
+    assert second is not first
+    sae.to(torch.float64)  # moved in place, as ComfyUI moves a module: the screen follows
+    assert fast_gate.screen(sae, H) is not second and fast_gate.screen(sae, H).W.dtype == torch.float64
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
