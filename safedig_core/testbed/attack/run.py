@@ -24,7 +24,7 @@ SIZES = {
     "full": {"starts": 2, "budget": 48, "search_seeds": 2, "eval_seeds": 8, "population": 8,
              "soft": {"starts": 1, "eps_max": 1.0, "rungs": 4, "bisect": 2, "iters": 6, "steps": 4}},
     "quick": {"starts": 1, "budget": 24, "search_seeds": 1, "eval_seeds": 4, "population": 8,
-              "soft": {"starts": 1, "eps_max": 1.0, "rungs": 3, "bisect": 1, "iters": 4, "steps": 4}},
+              "soft": {"starts": 1, "eps_max": 1.0, "rungs": 3, "bisect": 1, "iters": 3, "steps": 2}},
 }
 SOFT_MODELS = ("unsteered", "dense_diff_means", "safedig")  # the word filter reads words: a soft attack has none
 ATTACK_SEEDS = 2 * 10**6
