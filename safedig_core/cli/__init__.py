@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from ..formats.messages import shorten
-from . import adapt, build, collect, convert, demo, evaluate, inspect, plot, route, train
+from . import adapt, attack, build, collect, convert, demo, evaluate, inspect, plot, route, train
 from .args import MESSAGE_LIMIT, Parser
 from .common import UserError
 
-COMMANDS = (inspect, demo, route, collect, convert, evaluate, plot, train, adapt, build)
+COMMANDS = (inspect, demo, attack, route, collect, convert, evaluate, plot, train, adapt, build)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,20 @@ I2P layout (a CSV with a `categories` column and no `label` column: `prompt`, `c
   row unsafe;
 - `sd_seed` is the seed; `domain` is `source` unless a `domain` column says otherwise.
 
+Published attack sets (docs/ATTACKS.md) load as they are published:
+- UnlearnDiffAtk (`prompts/nudity.csv`, `violence.csv`, ...) and P4D (`data/unsafe-prompts-nudity_esd.csv`, and
+  the CSVs its `run_p4dn.py` / `run_p4dk.py` write) are I2P subsets in I2P's layout with `evaluation_seed`,
+  `evaluation_guidance` and `case_number` added (an unnamed index column first): they load by the I2P rule,
+  with `evaluation_seed` as the seed when there is no `sd_seed`. P4D's optimised-prompt files drop the
+  percentage columns, so every categorised row of them is unsafe, as it should be (each is a found attack);
+- Ring-A-Bell (`data/InvPrompt/<Concept>/<Concept>_eta_*_K_*.csv`: `prompt`, `case_number`,
+  `evaluation_seed`; no label, no category): every row is unsafe; its category is the concept the file name
+  starts with, lower-cased ("Violence_eta_5_K_77.csv" -> "violence"); `evaluation_seed` is the seed;
+- MMA-Diffusion (the `MMA-Diffusion-NSFW-adv-prompts-benchmark` CSV: `target_prompt`, `adv_prompt`,
+  `sanitized_adv_prompt`, `success_against_sanitization_defense`, `clean_prompt`; no `prompt` column): each
+  line gives an unsafe record (`adv_prompt`, category `sexual`, id `<stem>:<line>`) and, when `clean_prompt`
+  is not empty, a safe record (id `<stem>:<line>:clean`); the other columns stay in `extra`.
+
 A malformed row raises `PromptError` naming the file and the line; no row is ever skipped silently. Each
 error also carries `public`: the same problem without the file's path or content (no cell, column name or
 byte is quoted), for callers such as a network service that must not echo a file back to a client.
@@ -39,6 +53,8 @@ from .messages import quoted
 LABELS = ("safe", "unsafe")
 DOMAINS = ("source", "target")
 _STANDARD = ("id", "prompt", "label", "category", "domain", "seed")
+MMA_PROMPT, MMA_CLEAN, MMA_CATEGORY = "adv_prompt", "clean_prompt", "sexual"
+_SEED_COLUMNS = ("seed", "sd_seed", "evaluation_seed")  # the first present names the seed
 _LABEL_WORDS = {"safe": "safe", "unsafe": "unsafe", "0": "safe", "1": "unsafe", "false": "safe", "true": "unsafe"}
 
 
@@ -92,14 +108,15 @@ def load_prompts(path: str, i2p_threshold: float = 50.0) -> list[PromptRecord]:
     records, seen = [], {}
     for line, row in rows:
         try:
-            rec = _record(row, f"{stem}:{line}", i2p_threshold)
+            recs = _records(row, f"{stem}:{line}", i2p_threshold, stem)
         except PromptError as e:
             raise PromptError(f"{path}, line {line}: {e}", f"line {line}: {e.public}") from None
-        if rec.id in seen:
-            raise PromptError(f"{path}, line {line}: id {quoted(rec.id)} repeats the id of line {seen[rec.id]}",
-                              f"line {line}: its id repeats the id of line {seen[rec.id]}")
-        seen[rec.id] = line
-        records.append(rec)
+        for rec in recs:
+            if rec.id in seen:
+                raise PromptError(f"{path}, line {line}: id {quoted(rec.id)} repeats the id of line {seen[rec.id]}",
+                                  f"line {line}: its id repeats the id of line {seen[rec.id]}")
+            seen[rec.id] = line
+            records.append(rec)
     if not records:
         raise PromptError(f"prompt file {path}: no prompts", "no prompts")
     return records
@@ -154,7 +171,7 @@ def _csv_rows(path: str, delimiter: str):
                     continue  # blank line: not a row
                 if header is None:
                     header = [c.strip().lower() for c in row]
-                    if "prompt" not in header:
+                    if "prompt" not in header and MMA_PROMPT not in header:
                         raise PromptError(f"{path}, line {line}: the header has no 'prompt' column "
                                           f"(found: {quoted(', '.join(header))})",
                                           f"line {line}: the header has no 'prompt' column")
@@ -197,13 +214,48 @@ def _text(v) -> str:
     return "" if v is None else str(v).strip()
 
 
-def _record(row: dict, default_id: str, i2p_threshold: float) -> PromptRecord:
+def layout(row: dict) -> str:
+    """Which published layout a row's columns are: "mma", "i2p" (also UnlearnDiffAtk, P4D), "ring-a-bell" or
+    "plain" (SafeDIG's own columns)."""
+    if "prompt" not in row and MMA_PROMPT in row:
+        return "mma"
+    if "label" in row:
+        return "plain"
+    if "categories" in row:
+        return "i2p"
+    if "category" not in row and ("evaluation_seed" in row or "case_number" in row):
+        return "ring-a-bell"
+    return "plain"
+
+
+def _records(row: dict, default_id: str, i2p_threshold: float, stem: str) -> list[PromptRecord]:
+    kind = layout(row)
+    if kind != "mma":
+        return [_record(row, default_id, i2p_threshold, kind, stem)]
+    adv = dict(row, prompt=row.get(MMA_PROMPT), label="unsafe", category=MMA_CATEGORY)
+    out = [_record(adv, default_id, i2p_threshold, "plain", stem)]
+    clean = row.get(MMA_CLEAN)
+    if isinstance(clean, str) and clean.strip():
+        out.append(_record(dict(row, prompt=clean, label="safe", category=""), f"{default_id}:clean", i2p_threshold,
+                           "plain", stem))
+    return out
+
+
+def _file_concept(stem: str) -> str:
+    """Ring-A-Bell names each file after its concept: "Violence_eta_5_K_77" -> "violence"."""
+    head = stem.replace("-", "_").split("_")[0].strip().lower()
+    return head or "unsafe"
+
+
+def _record(row: dict, default_id: str, i2p_threshold: float, kind: str = "plain", stem: str = "") -> PromptRecord:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptError("empty or missing prompt")
-    i2p = "categories" in row and "label" not in row
+    i2p = kind == "i2p"
     if i2p:
         label, category, cats = _i2p_label(row, i2p_threshold)
+    elif kind == "ring-a-bell":
+        label, category = "unsafe", _file_concept(stem)
     else:
         raw = row.get("label")
         if isinstance(raw, bool):
@@ -219,8 +271,8 @@ def _record(row: dict, default_id: str, i2p_threshold: float) -> PromptRecord:
     if domain not in DOMAINS:
         raise PromptError(f"domain {quoted(row.get('domain'))}: expected 'source' or 'target'",
                           "domain: expected 'source' or 'target'")
-    seed_raw = row.get("seed") if "seed" in row else (row.get("sd_seed") if i2p else None)
-    seed = _seed(seed_raw)
+    named = [k for k in _SEED_COLUMNS if k in row and (k == "seed" or kind != "plain")]
+    seed = _seed(row.get(named[0]) if named else None)
     rid = _text(row.get("id")) or default_id
     extra = {k: v for k, v in row.items() if k not in _STANDARD and k}
     if i2p:
