@@ -15,13 +15,17 @@ pytestmark = pytest.mark.comfy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_steering_overhead_quick(tmp_path):
+def _need_comfyui() -> None:
     from safedig_core.adapters.comfy.runtime import ComfyUINotFound, comfyui_path
 
     try:
         comfyui_path()
     except ComfyUINotFound as e:
         pytest.skip(str(e))
+
+
+def test_steering_overhead_quick(tmp_path):
+    _need_comfyui()
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "steering_overhead.py"), "--quick",
                           "--threads", "1", "--json", str(out)],
@@ -38,12 +42,7 @@ def test_steering_overhead_quick(tmp_path):
 def test_steering_overhead_gate_comparison_quick(tmp_path):
     """--gate-only at the --quick sizes: the exact and fast gates' cost lines, and their agreement on the planted
     inputs and on a couple of testbed prompts' activations."""
-    from safedig_core.adapters.comfy.runtime import ComfyUINotFound, comfyui_path
-
-    try:
-        comfyui_path()
-    except ComfyUINotFound as e:
-        pytest.skip(str(e))
+    _need_comfyui()
     out = tmp_path / "gate.json"
     run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "steering_overhead.py"), "--quick",
                           "--gate-only", "--threads", "1", "--testbed-prompts", "2", "--json", str(out)],
