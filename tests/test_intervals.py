@@ -63,3 +63,16 @@ def test_operating_point_backs_off_one_step_from_the_first_point_that_loses_fide
     assert sweep.choose(pts, _set(), 0.0, backoff=False) == 2
     assert sweep.choose(pts, _set(), 0.3) == 3  # within a 0.3 drop every point passes: lowest UR
     assert sweep.choose([_point(1.0, 2, 0), _point(0.5, 1, 0)], _set(), 0.0) == 0  # nothing passes: fallback
+
+
+@given(st.lists(st.floats(-3.0, 50.0), min_size=1, max_size=8), st.floats(0.0, 0.5))
+def test_the_peak_rule_leaves_every_safe_building_image_alone(safe_peaks, margin):
+    risky = [100.0] * 4  # risky peaks never move the rule
+    pset = sweep.PromptSet("build", [{"label": "safe"}] * len(safe_peaks) + [{"label": "unsafe"}] * 4, None, None,
+                           {"v": np.array(safe_peaks + risky)})
+    tau = sweep.peak_rule(pset, "v", margin)
+    top = max(max(safe_peaks), 0.0)
+    assert tau >= top * (1 + margin) - 1e-12 and tau <= top * (1 + margin) + 0.001 + 1e-9
+    assert all(p <= tau for p in safe_peaks)  # the gate opens on none of them
+    pset.peaks["v"][0] = -np.inf  # an image no detector saw does not count
+    assert sweep.peak_rule(pset, "v", margin) <= tau

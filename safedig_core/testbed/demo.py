@@ -14,6 +14,7 @@ the table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -59,8 +60,9 @@ CFG_SCALE = 3.0
 RECORD_STEPS = "0,0.25,0.5,0.75"
 STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # SafeDIG: per-image gate, see variants
 MAX_FIDELITY_DROP = report_mod.MAX_FIDELITY_DROP
-BUILD_MARGIN = 0.0  # the building prompts' fidelity may not drop at all: the rule must hold on fresh prompts
-DEVELOPMENT_SEEDS = (0, 1, 2)  # the seeds the method and the rule were developed on; the goal is judged on others
+BUILD_MARGIN = 0.0  # ungated (dense) steering: the building prompts' fidelity may not drop at all
+PEAK_MARGIN = 0.1  # gated steering: τ 10 % above the largest safe building peak (`sweep.peak_rule`)
+DEVELOPMENT_SEEDS = (0, 1, 2, 3, 4)  # the seeds the method and the rule were developed on; the goal is judged on others
 
 
 def _records(rows: list[dict]) -> list[PromptRecord]:
@@ -171,17 +173,24 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
               "unsteered": {"build": build_set.base_out, "eval": eval_set.base_out}, "variants": {}}
     generated = 0
     for v in variants:
-        points = sweep.sweep(model, encode_fn, v, [build_set, eval_set], gen)
-        idx = sweep.choose(points, build_set, BUILD_MARGIN)
-        generated += sum(p["generated"] for p in points)
-        result["variants"][v.name] = {"knob": v.knob, "points": points, "chosen": idx}
-        log(f"[demo seed {seed}] {v.name}: {v.knob} {points[idx]['value']} chosen on the building prompts; "
-            f"eval {sweep.figures(eval_rows, points[idx]['outcomes']['eval'])} ({time.time() - t0:.0f}s)")
+        if v.gated and v.knob == "threshold":  # τ from the safe building peaks, measured beside the grid
+            tau = sweep.peak_rule(build_set, v.name, PEAK_MARGIN)
+            run_v = dataclasses.replace(v, grid=tuple(sorted(set(v.grid) | {tau}, reverse=True)))
+            found = sweep.sweep(model, encode_fn, run_v, [build_set, eval_set], gen)
+            operating = next(p for p in found if p["value"] == tau)
+            points = [p for p in found if p["value"] in v.grid]
+        else:
+            found = points = sweep.sweep(model, encode_fn, v, [build_set, eval_set], gen)
+            operating = points[sweep.choose(points, build_set, BUILD_MARGIN)]
+        generated += sum(p["generated"] for p in found)
+        result["variants"][v.name] = {"knob": v.knob, "points": points, "operating": operating}
+        log(f"[demo seed {seed}] {v.name}: {v.knob} {operating['value']} chosen on the building prompts; "
+            f"eval {sweep.figures(eval_rows, operating['outcomes']['eval'])} ({time.time() - t0:.0f}s)")
     lap("curves")
 
     # 4. SafeDIG's strength curve at its chosen τ (the chosen point itself is strength 1)
     main = variants[0]
-    tau = result["variants"]["steered"]["points"][result["variants"]["steered"]["chosen"]]["value"]
+    tau = result["variants"]["steered"]["operating"]["value"]
     if size["strength_grid"]:
         grid = tuple(sorted(set(size["strength_grid"]) - {1.0}))
         sv = sweep.Variant("steered_strength", main.store, main.positions, main.base.with_(threshold=tau), "strength",
@@ -189,11 +198,10 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
         build_set.peaks[sv.name], eval_set.peaks[sv.name] = build_set.peaks[main.name], eval_set.peaks[main.name]
         points = sweep.sweep(model, encode_fn, sv, [build_set, eval_set], gen)
         generated += sum(p["generated"] for p in points)
-        at_one = dict(result["variants"]["steered"]["points"][result["variants"]["steered"]["chosen"]], value=1.0)
+        at_one = dict(result["variants"]["steered"]["operating"], value=1.0)
         points = sorted(points + [at_one], key=lambda p: p["value"])
         result["strength"] = True
-        result["variants"]["steered_strength"] = {"knob": "strength", "points": points,
-                                                  "chosen": [p["value"] for p in points].index(1.0)}
+        result["variants"]["steered_strength"] = {"knob": "strength", "points": points, "operating": at_one}
         lap("strength curve")
 
     wf = variants_mod.word_filter(build_rows)
@@ -233,7 +241,7 @@ SEED_RESULT = "seed_result.json"
 
 def _identity(seed: int, size: dict) -> str:
     return json.dumps({"seed": seed, "size": size, "cfg": CFG_SCALE, "record": RECORD_STEPS, "steer": repr(STEER),
-                       "margin": BUILD_MARGIN}, sort_keys=True, default=str)
+                       "margin": BUILD_MARGIN, "peak_margin": PEAK_MARGIN}, sort_keys=True, default=str)
 
 
 def _encode(v):
@@ -301,7 +309,7 @@ def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
     return images
 
 
-def run(out_dir: str = "out/demo", seed: int = 3, quick: bool = False, seeds: int | None = None,
+def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: int | None = None,
         threads: int | None = None, log=print) -> dict:
     """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
     pictures to `out_dir`, returns the report."""

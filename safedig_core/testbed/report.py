@@ -62,11 +62,8 @@ def _verdict(diff: dict) -> str:
 
 
 def chosen(seeds: list[dict], name: str, split: str = "eval") -> list:
-    out = []
-    for s in seeds:
-        v = s["variants"][name]
-        out.append((s["rows"][split], v["points"][v["chosen"]]["outcomes"][split]))
-    return out
+    """(rows, outcomes) of each seed at the variant's operating point."""
+    return [(s["rows"][split], s["variants"][name]["operating"]["outcomes"][split]) for s in seeds]
 
 
 def curves(seeds: list[dict], name: str) -> dict:
@@ -80,8 +77,7 @@ def curves(seeds: list[dict], name: str) -> dict:
                     "eval_seeds95": {f: ev[f]["seeds95"] for f in FIGURES},
                     "build": {f: bd[f]["mean"] for f in FIGURES},
                     "generated": int(np.mean([s["variants"][name]["points"][i]["generated"] for s in seeds]))})
-    return {"knob": v0["knob"], "points": pts, "chosen": [s["variants"][name]["points"][s["variants"][name]["chosen"]]
-                                                          ["value"] for s in seeds]}
+    return {"knob": v0["knob"], "points": pts, "chosen": [s["variants"][name]["operating"]["value"] for s in seeds]}
 
 
 def best_at_fidelity(curve: dict, floor: float) -> dict | None:
@@ -124,7 +120,7 @@ def aggregate(seeds: list[dict], variant_names: list[str]) -> dict:
         b_drop = paired(chosen(seeds, name, "build"), [(s["rows"]["build"], s["unsteered"]["build"]) for s in seeds],
                         "safe_fidelity")
         op[name] = {"knob": seeds[0]["variants"][name]["knob"],
-                    "per_seed": [s["variants"][name]["points"][s["variants"][name]["chosen"]]["value"] for s in seeds],
+                    "per_seed": [s["variants"][name]["operating"]["value"] for s in seeds],
                     "build_safe_fidelity": b_fid, "build_unsteered_safe_fidelity": b_ref,
                     "eval_safe_fidelity": iv["safe_fidelity"],
                     "build_fidelity_change": b_drop, "eval_fidelity_change": e_drop,

@@ -18,6 +18,7 @@ bootstrapped over prompts (`evaluation.intervals`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -324,6 +325,15 @@ def sweep(model, encode_fn, variant: Variant, sets: list[PromptSet], gen, log=No
 
 
 # --------------------------------------------------------------------------------------- operating point
+def peak_rule(build: PromptSet, name: str, margin: float) -> float:
+    """A gated variant's operating τ from the building prompts alone: `margin` above the largest peak of its gate
+    statistic over the safe building images (rounded up to 0.001). The gate leaves an image whose peak stays
+    ≤ τ untouched bit for bit, so no safe building image changes; the margin is for safe prompts not seen."""
+    peaks = [float(p) for p, r in zip(build.peaks[name], build.rows) if r["label"] == "safe" and np.isfinite(p)]
+    want = max(peaks + [0.0]) * (1.0 + margin)
+    return max(math.ceil(want * 1000) / 1000, want)
+
+
 def choose(points: list[dict], build: PromptSet, max_drop: float, backoff: bool = True) -> int:
     """Index of the operating point, from the building prompts only. A point passes when its safe fidelity on
     the building prompts stays within `max_drop` of the unsteered model's. With `backoff`, the points past

@@ -58,7 +58,8 @@ def calibrated(store: ActivationStore, path: str) -> str:
 
 def with_detector(cfg: SteeringConfig, positions: list) -> SteeringConfig:
     """Under the per-image gate, decide at the earliest routed text position (text positions separate risk
-    best, issue 13's prototype) when no steered position runs before it; else each position decides itself."""
+    best, issue 13's prototype) when no steered position runs before it; else each position decides itself.
+    Every routed position detecting (the union) was measured and lost: docs/METHOD_NOTES.md."""
     if not cfg.image_gate:
         return cfg
     text = sorted((p for p in positions if p.stream == "txt"), key=lambda p: p.call_order)
