@@ -63,9 +63,10 @@ class SafeDIGApplySteering(io.ComfyNode):
                                  tooltip="Rescale each steered token to its original norm"),
                 io.Combo.Input("gate", options=list(GATES), default="per token", optional=True,
                                tooltip="per token: steer each token whose own harmful mass exceeds τ. per image: "
-                                       "decide once per image (and per prompt/negative half): when its strongest "
-                                       "token exceeds τ × the dictionary's per-image unit, steer every token of it "
-                                       "that carries harmful activity"),
+                                       "decide once per image from its prompt (cond) rows: when their strongest "
+                                       "token exceeds τ × the dictionary's per-image unit, steer every token of the "
+                                       "image that carries harmful activity (its negative half too, as apply_to "
+                                       "allows). Per image with text positions is what the testbed demo measures"),
                 io.Combo.Input("detect_at", options=list(DETECT_AT), default="each position", optional=True,
                                tooltip="Per-image gate only: where the decision is made. each position: every "
                                        "position decides for itself. text/image positions: the steered text "

@@ -61,7 +61,7 @@ RECORD_STEPS = "0,0.25,0.5,0.75"
 STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # SafeDIG: per-image gate, see variants
 MAX_FIDELITY_DROP = report_mod.MAX_FIDELITY_DROP
 BUILD_MARGIN = 0.0  # ungated (dense) steering: the building prompts' fidelity may not drop at all
-PEAK_MARGIN = 0.1  # gated steering: τ 10 % above the largest safe building peak (`sweep.peak_rule`)
+PEAK_MARGIN = sweep.PEAK_MARGIN  # gated steering: τ 10 % above the largest safe building peak (`sweep.peak_rule`)
 DEVELOPMENT_SEEDS = (0, 1, 2, 3, 4)  # the seeds the method and the rule were developed on; the goal is judged on others
 
 

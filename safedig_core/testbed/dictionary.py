@@ -48,8 +48,30 @@ def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) ->
                            checkpoint_every=100)
         acfg = AdaptConfig(steps=SIZES["adapt_steps"], batch_size=SIZES["batch"], seed=seed)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        return build(ActivationStore(res.path), out, BuildConfig(top_k=3, train=tcfg, adapt=acfg),
-                     os.path.join(work, "build"), progress=False, overwrite=True)
+        summary = build(ActivationStore(res.path), out, BuildConfig(top_k=3, train=tcfg, adapt=acfg),
+                        os.path.join(work, "build"), progress=False, overwrite=True)
+    summary["steering_defaults"] = set_operating_point(out, model, encode_fn, rows)
+    return summary
+
+
+def set_operating_point(path: str, model, encode_fn, rows: list[dict]) -> dict:
+    """Store the demo's operating point in the dictionary's `steering_defaults`: the per-image gate decided at
+    the steered text positions, τ by the demo's rule (`sweep.peak_rule`: 10 % above the largest peak over the
+    safe building prompts, sampled as they were collected). Returns the defaults written."""
+    from ..formats.dictionary import load, save
+    from ..steering import SteeringConfig
+    from . import sweep, variants
+
+    store, positions = variants.dictionary_store(path)
+    cfg = SteeringConfig(blend=1.0, repel=1.0, gate="image", detect="text")
+    v = sweep.Variant("shipped", store, positions, cfg)
+    safe = [r for r in rows if r["label"] == "safe"]
+    pset = sweep.prepare(model, encode_fn, "build", safe, [v], {"steps": SIZES["steps"], "cfg": SIZES["cfg"]})
+    d = load(path)
+    d.steering_defaults = {"blend": cfg.blend, "repel": cfg.repel, "gate": cfg.gate, "detect": cfg.detect,
+                           "threshold": sweep.peak_rule(pset, v.name)}
+    save(d, path)
+    return d.steering_defaults
 
 
 def write_prompts(folder: str, seed: int = 0) -> str:
@@ -78,7 +100,7 @@ def main(argv=None) -> None:
         print(f"wrote {write_prompts(args.prompts, args.seed)}")
         return
     summary = build_dictionary(args.out, args.seed)
-    print(f"wrote {args.out}: positions {summary['positions']}")
+    print(f"wrote {args.out}: positions {summary['positions']}; operating point {summary['steering_defaults']}")
 
 
 if __name__ == "__main__":

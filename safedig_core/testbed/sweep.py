@@ -325,7 +325,10 @@ def sweep(model, encode_fn, variant: Variant, sets: list[PromptSet], gen, log=No
 
 
 # --------------------------------------------------------------------------------------- operating point
-def peak_rule(build: PromptSet, name: str, margin: float) -> float:
+PEAK_MARGIN = 0.1  # the peak rule's margin above the largest safe building peak
+
+
+def peak_rule(build: PromptSet, name: str, margin: float = PEAK_MARGIN) -> float:
     """A gated variant's operating τ from the building prompts alone: `margin` above the largest peak of its gate
     statistic over the safe building images (rounded up to 0.001). The gate leaves an image whose peak stays
     ≤ τ untouched bit for bit, so no safe building image changes; the margin is for safe prompts not seen."""
