@@ -1,9 +1,15 @@
-"""The diffusers adapter on tiny random-weight diffusers FLUX and SD3 transformers, against the ComfyUI path.
+"""The diffusers adapter on tiny random-weight diffusers transformers of every family it hooks (FLUX.1, SD3, Chroma,
+Flux.2, Qwen-Image, Wan 2.x), against the ComfyUI path.
 
-The ComfyUI models are the same weights converted with ComfyUI's own diffusers→ComfyUI key map
-(`comfy.model_detection.convert_diffusers_mmdit`, what `comfy.sd.load_diffusion_model_state_dict` runs on
-diffusers checkpoints). The shared property tests run one model call through either adapter (`Adapter.run`);
-the cross-adapter tests compare the two on equal inputs.
+The ComfyUI models are the same weights under ComfyUI's names (`diffusers_weights.to_comfy`: ComfyUI's own
+diffusers→ComfyUI key map for FLUX.1 and SD3, the test's own for the others). The shared property tests run one
+model call through either adapter (`Adapter.run`); the cross-adapter tests compare the two on equal inputs.
+
+Chroma: ComfyUI 0.3.75 computes a fixed 344 modulation vectors (Chroma's 19 double and 38 single blocks) and
+takes the final layer's from the end of them; diffusers computes as many as the blocks use. With the 2 + 2
+blocks here every block output agrees, the model output does not (measured: 0.85 max abs on outputs up to
+1.8 in size); with 2 + 106 blocks (344 modulations again) the model output agrees too
+(`test_chroma_model_output_agrees_at_comfyuis_modulation_count`).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import copy
 import pytest
 import torch
 from conftest import make_dictionary
+from diffusers_weights import to_comfy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,78 +33,162 @@ from safedig_core.steering import PositionSteerer, SteeringConfig
 
 diffusers = pytest.importorskip("diffusers")
 
-WIDTH = {"flux": 64, "sd3": 128}
-TXT, SIDE, IMG = 5, 8, 16  # text tokens; an 8×8 latent in 2×2 patches gives 16 image tokens
-ALL = {"flux": ["double.0.img", "double.0.txt", "double.1.img", "double.1.txt", "single.0.img", "single.0.txt",
-                "single.1.img"],
-       "sd3": ["joint.0.img", "joint.0.txt", "joint.1.img"]}
+FAMILIES = ["flux", "sd3", "chroma", "flux2", "qwen_image", "wan"]
+FLUX_STYLE = ("flux", "chroma", "flux2")
+WIDTH = {f: 128 if f == "sd3" else 64 for f in FAMILIES}
+TXT, SIDE, IMG, CTX = 5, 8, 16, 32  # text tokens; an 8×8 latent in 2×2 patches (Flux.2: 4×4 in 1×1) gives 16 image tokens
+FLUX_ALL = ["double.0.img", "double.0.txt", "double.1.img", "double.1.txt", "single.0.img", "single.0.txt", "single.1.img"]
+ALL = {"flux": FLUX_ALL, "chroma": FLUX_ALL, "flux2": FLUX_ALL, "sd3": ["joint.0.img", "joint.0.txt", "joint.1.img"],
+       "qwen_image": ["double.0.img", "double.0.txt", "double.1.img"], "wan": ["double.0.img", "double.1.img"]}
+TEXT = [f for f in FAMILIES if f != "wan"]  # Wan's blocks return no text stream
 
 
-def tiny_diffusers(family: str):
-    torch.manual_seed(0 if family == "flux" else 1)
+def tiny_diffusers(family: str, single: int = 2):
+    torch.manual_seed(FAMILIES.index(family))
     if family == "flux":  # in_channels 64 = ComfyUI's 16 latent channels in 2×2 patches; head 32 = RoPE 4+14+14
         m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
-                                             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                                             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CTX,
                                              pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 14, 14))
-    else:  # ComfyUI's MMDiT has width 64·depth and depth heads
+    elif family == "sd3":  # ComfyUI's MMDiT has width 64·depth and depth heads
         m = diffusers.SD3Transformer2DModel(sample_size=SIDE, patch_size=2, in_channels=16, num_layers=2,
-                                            attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                            attention_head_dim=64, num_attention_heads=2, joint_attention_dim=CTX,
                                             caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
                                             pos_embed_max_size=64)
+    elif family == "chroma":
+        m = diffusers.ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=single,
+                                               attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CTX,
+                                               axes_dims_rope=(4, 14, 14), approximator_num_channels=64,
+                                               approximator_hidden_dim=32, approximator_layers=1)
+    elif family == "flux2":  # 128 latent channels, patch 1; RoPE over 4 axes (time, h, w, text index)
+        m = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=2, num_single_layers=2,
+                                              attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CTX,
+                                              timestep_guidance_channels=256, axes_dims_rope=(8, 8, 8, 8))
+    elif family == "qwen_image":
+        m = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                                  attention_head_dim=32, num_attention_heads=2,
+                                                  joint_attention_dim=CTX, axes_dims_rope=(4, 14, 14))
+    else:
+        m = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                                            in_channels=16, out_channels=16, text_dim=CTX, freq_dim=256, ffn_dim=128,
+                                            num_layers=2)
     return m.eval().requires_grad_(False)
+
+
+def tiny_comfy(family: str, single: int = 2):
+    """ComfyUI's model of `family` in the shape of `tiny_diffusers(family)` (its own random weights)."""
+    flux_style = dict(depth=2, single=single, hidden=64, heads=2, context_dim=CTX)
+    return {"flux": lambda: comfyui.tiny_flux(**flux_style, vec_dim=32),
+            "sd3": lambda: comfyui.tiny_sd3(depth=2, context_dim=CTX, adm_dim=32),
+            "chroma": lambda: comfyui.tiny_chroma(**flux_style),
+            "flux2": lambda: comfyui.tiny_flux2(**flux_style),
+            "qwen_image": lambda: comfyui.tiny_qwen_image(layers=2, heads=2, head_dim=32, context_dim=CTX),
+            "wan": lambda: comfyui.tiny_wan(layers=2, dim=64, heads=2, context_dim=CTX)}[family]()
+
+
+def same_weights(family: str, model):
+    """A ComfyUI ModelPatcher of `family` carrying the weights of diffusers transformer `model`."""
+    patcher = tiny_comfy(family, single=len(getattr(model, "single_transformer_blocks", ())) or 2)
+    patcher.model.diffusion_model.load_state_dict(to_comfy(family, model), strict=True)
+    return patcher
 
 
 @pytest.fixture(scope="module")
 def dmodels():
-    return {f: tiny_diffusers(f) for f in ("flux", "sd3")}
+    return {f: tiny_diffusers(f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
 def cmodels(comfy, dmodels):
-    """The same weights in ComfyUI's FLUX and MMDiT classes."""
-    import comfy.model_detection
-
-    out = {}
-    for family, m in dmodels.items():
-        state = {k: v.clone() for k, v in m.state_dict().items()}
-        converted = comfy.model_detection.convert_diffusers_mmdit(state, "")
-        assert not state, f"keys ComfyUI's map did not convert: {sorted(state)}"
-        patcher = (comfyui.tiny_flux(depth=2, single=2, hidden=64, heads=2, context_dim=32, vec_dim=32)
-                   if family == "flux" else comfyui.tiny_sd3(depth=2, context_dim=32, adm_dim=32))
-        patcher.model.diffusion_model.load_state_dict(converted, strict=True)
-        out[family] = patcher
-    return out
+    """The same weights in ComfyUI's model of each family."""
+    return {family: same_weights(family, m) for family, m in dmodels.items()}
 
 
-def inputs(batch: int = 1, sigma: float = 0.7, seed: int = 0) -> dict:
+def latent_shape(family: str) -> tuple:
+    return (128, SIDE // 2, SIDE // 2) if family == "flux2" else (16, SIDE, SIDE)
+
+
+def inputs(family: str, batch: int = 1, sigma: float = 0.7, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(batch, 16, SIDE, SIDE, generator=g), "ctx": torch.randn(batch, TXT, 32, generator=g),
+    return {"x": torch.randn(batch, *latent_shape(family), generator=g), "ctx": torch.randn(batch, TXT, CTX, generator=g),
             "y": torch.randn(batch, 32, generator=g), "sigma": torch.full((batch,), sigma),
             "guidance": torch.full((batch,), 3.5)}
 
 
 def pack(x):
-    """FLUX latents [B, 16, H, W] → tokens [B, HW/4, 64], as diffusers' pipeline and ComfyUI both patchify."""
+    """Latents [B, C, H, W] → tokens [B, HW/4, 4C], as diffusers' pipelines and ComfyUI patchify 2×2."""
     b, c, h, w = x.shape
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
 
 
-def flux_ids():
-    ids = torch.zeros(SIDE // 2, SIDE // 2, 3)
-    ids[..., 1] = torch.arange(SIDE // 2)[:, None]
-    ids[..., 2] = torch.arange(SIDE // 2)[None, :]
-    return ids.reshape(-1, 3), torch.zeros(TXT, 3)
+def tokens(family: str, x):
+    """The latent as the diffusers transformer takes it: 2×2 patches (Flux.2: 1×1), Wan a video of one frame."""
+    if family == "flux2":
+        return x.flatten(2).transpose(1, 2)
+    if family == "wan":
+        return x[:, :, None]
+    return pack(x) if family != "sd3" else x
 
 
-def dforward(model, family, inp):
+def rope_ids(family: str, ref: int = 0):
+    """diffusers' FLUX-style image and text ids: (index, row, column[, text index]); a reference image's index
+    is `ref` (FLUX.1 Kontext: 1, Flux.2: 10)."""
+    side, axes = latent_shape(family)[-1] // (1 if family == "flux2" else 2), 4 if family == "flux2" else 3
+    ids = torch.zeros(side, side, axes)
+    ids[..., 0] = ref
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    txt = torch.zeros(TXT, axes)
+    if family == "flux2":
+        txt[:, 3] = torch.arange(TXT)
+    return ids.reshape(-1, axes), txt
+
+
+def dforward(model, family, inp, refs=None):
+    """One diffusers transformer call; `refs`: reference latents (FLUX.1, Flux.2, Qwen-Image), whose tokens follow
+    the output image's as their pipelines put them (the output returned is the output image's)."""
+    x, ctx, sigma = inp["x"], inp["ctx"], inp["sigma"]
+    dev = x.device
+    with torch.no_grad():
+        if family == "sd3":
+            return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=inp["y"],
+                         timestep=sigma * 1000, return_dict=False)[0]
+        if family == "wan":
+            return model(hidden_states=tokens(family, x), timestep=sigma * 1000, encoder_hidden_states=ctx,
+                         return_dict=False)[0]
+        hidden = torch.cat([tokens(family, t) for t in [x, *(refs or [])]], dim=1)
+        if family == "qwen_image":
+            shapes = [[(1, SIDE // 2, SIDE // 2)] * (1 + len(refs or []))] * x.shape[0]
+            out = model(hidden_states=hidden, encoder_hidden_states=ctx, timestep=sigma, img_shapes=shapes,
+                        return_dict=False)[0]
+        else:
+            img_ids, txt_ids = rope_ids(family)
+            ref_ids = [rope_ids(family, ref=(10 if family == "flux2" else 1) * (i + 1))[0] for i in range(len(refs or []))]
+            kw = {"img_ids": torch.cat([img_ids, *ref_ids]).to(dev), "txt_ids": txt_ids.to(dev)}
+            if family == "flux":
+                kw.update(pooled_projections=inp["y"], guidance=inp["guidance"])
+            elif family == "flux2":
+                kw["guidance"] = inp["guidance"]
+            out = model(hidden_states=hidden, encoder_hidden_states=ctx, timestep=sigma, return_dict=False, **kw)[0]
+        return out[:, :IMG]
+
+
+def cforward(dm, family, inp, to, refs=None):
+    """The same call of ComfyUI's diffusion model, its output in diffusers' layout."""
+    x, ctx, sigma = inp["x"], inp["ctx"], inp["sigma"]
+    more = {"ref_latents": refs} if refs else {}
     with torch.no_grad():
         if family == "flux":
-            img_ids, txt_ids = (t.to(inp["x"].device) for t in flux_ids())
-            return model(hidden_states=pack(inp["x"]), encoder_hidden_states=inp["ctx"], pooled_projections=inp["y"],
-                         timestep=inp["sigma"], img_ids=img_ids, txt_ids=txt_ids, guidance=inp["guidance"],
-                         return_dict=False)[0]
-        return model(hidden_states=inp["x"], encoder_hidden_states=inp["ctx"], pooled_projections=inp["y"],
-                     timestep=inp["sigma"] * 1000, return_dict=False)[0]
+            return pack(dm(x, sigma, ctx, y=inp["y"], guidance=inp["guidance"], transformer_options=to, **more))
+        if family == "chroma":
+            return pack(dm(x, sigma, ctx, torch.zeros_like(sigma), transformer_options=to))
+        if family == "flux2":
+            return tokens(family, dm(x, sigma, ctx, guidance=inp["guidance"], transformer_options=to, **more))
+        if family == "qwen_image":
+            more = {"ref_latents": [r[:, :, None] for r in refs]} if refs else {}
+            return pack(dm(x[:, :, None], sigma, ctx, transformer_options=to, **more)[:, :, 0])
+        if family == "wan":
+            return dm(x[:, :, None], sigma * 1000, ctx, transformer_options=to)
+        return dm(x, sigma * 1000, ctx, y=inp["y"], transformer_options=to)
 
 
 class Adapter:
@@ -108,12 +199,12 @@ class Adapter:
     def __init__(self, name, family, model):
         self.name, self.family, self.model = name, family, model
 
-    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None):
+    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None, refs=None):
         raise NotImplementedError
 
 
 class DiffusersAdapter(Adapter):
-    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None):
+    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None, refs=None):
         got = {}
         schedule = None if steps is None else 1000 * torch.linspace(1, 0, steps + 1)[:-1]
         with contextlib.ExitStack() as stack:
@@ -122,40 +213,32 @@ class DiffusersAdapter(Adapter):
             if rec:
                 stack.enter_context(record(self.model, list(rec),
                                            lambda p, x, info: got.__setitem__(p.name, x.clone())))
-            out = dforward(self.model, self.family, inp)
+            out = dforward(self.model, self.family, inp, refs)
         return out, got
 
 
 class ComfyAdapter(Adapter):
-    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None):
+    def run(self, inp, d=None, cfg=None, positions="all", rec=(), steps=None, halves=None, refs=None):
         got = {}
         patcher = self.model
-        dm = patcher.model.diffusion_model
+        layout = comfyui.layout_of(patcher)
         if d is not None:  # what the Apply Steering node does
-            layout = comfyui.layout_of(dm)
             chosen = parse_list(positions if isinstance(positions, str) else ",".join(positions), d.positions)
             d.check_layout(layout, chosen)
             store = SharedSteerers({p: d.entries[p].steerer() for p in chosen})
             patcher = comfyui.steer_model(patcher, store, chosen, cfg, layout)
         if rec:
             patcher = comfyui.recording_model(patcher, [parse(n) for n in rec],
-                                              lambda p, x, to: got.__setitem__(p.name, x.clone()))
+                                              lambda p, x, to: got.__setitem__(p.name, x.clone()), layout)
         to = dict(patcher.model_options["transformer_options"], wrappers=patcher.wrappers)
         if steps is not None:
             to["sample_sigmas"], to["sigmas"] = torch.linspace(1, 0, steps + 1), inp["sigma"]
         if halves is not None:
             to["cond_or_uncond"] = [HALVES[h] for h in halves]
-        with torch.no_grad():
-            if self.family == "flux":
-                out = pack(dm(inp["x"], inp["sigma"], inp["ctx"], y=inp["y"], guidance=inp["guidance"],
-                              transformer_options=to))
-            else:
-                out = dm(inp["x"], inp["sigma"] * 1000, inp["ctx"], y=inp["y"], transformer_options=to)
-        return out, got
+        return cforward(patcher.model.diffusion_model, self.family, inp, to, refs), got
 
 
 ADAPTERS = ["diffusers", pytest.param("comfy", marks=pytest.mark.comfy)]
-FAMILIES = ["flux", "sd3"]
 
 
 @pytest.fixture
@@ -171,6 +254,10 @@ def firing(family, names=None, **kw):
     return make_dictionary(family, WIDTH[family], names or ALL[family], **kw)
 
 
+def tokens_of(name: str) -> int:
+    return TXT if name.endswith("txt") else IMG
+
+
 STEER = SteeringConfig(blend=1.0, repel=1.0)
 
 
@@ -181,7 +268,7 @@ STEER = SteeringConfig(blend=1.0, repel=1.0)
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_identity_at_zero_strength_is_bit_exact(adapter, name, family):
     a = adapter(name, family)
-    inp = inputs(2)
+    inp = inputs(family, 2)
     base, rec = a.run(inp, rec=ALL[family])
     out, rec0 = a.run(inp, firing(family), SteeringConfig(blend=0.0, repel=0.0), rec=ALL[family])
     assert torch.equal(out, base)
@@ -192,7 +279,7 @@ def test_identity_at_zero_strength_is_bit_exact(adapter, name, family):
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_steering_changes_output_only_when_harmful_latents_fire(adapter, name, family):
     a = adapter(name, family)
-    inp = inputs(1)
+    inp = inputs(family, 1)
     base, _ = a.run(inp)
     assert not torch.equal(a.run(inp, firing(family), STEER)[0], base)
     assert torch.equal(a.run(inp, firing(family, fire=False), STEER)[0], base)
@@ -213,20 +300,20 @@ def test_hooks_run_at_exactly_the_chosen_positions(adapter, name, family, monkey
         return out
 
     monkeypatch.setattr(PositionSteerer, "steer", spy)
-    chosen = {"flux": ["double.0.img", "double.1.txt", "single.0.txt", "single.1.img"],
-              "sd3": ["joint.0.txt", "joint.1.img"]}[family]
-    adapter(name, family).run(inputs(2), d, STEER, positions=",".join(chosen))
-    tokens = {p: TXT if p.endswith("txt") else IMG for p in chosen}
-    assert sorted(calls) == sorted((p, n, True) for p, n in tokens.items())  # once each, and each steered
+    flux_style = ["double.0.img", "double.1.txt", "single.0.txt", "single.1.img"]
+    chosen = {"flux": flux_style, "chroma": flux_style, "flux2": flux_style, "sd3": ["joint.0.txt", "joint.1.img"],
+              "qwen_image": ["double.0.txt", "double.1.img"], "wan": ["double.1.img"]}[family]
+    adapter(name, family).run(inputs(family, 2), d, STEER, positions=",".join(chosen))
+    assert sorted(calls) == sorted((p, tokens_of(p), True) for p in chosen)  # once each, and each steered
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_recorded_streams_have_the_model_shapes(adapter, name, family):
-    _, got = adapter(name, family).run(inputs(2), rec=ALL[family])
+    _, got = adapter(name, family).run(inputs(family, 2), rec=ALL[family])
     assert sorted(got) == sorted(ALL[family])
     for p, x in got.items():
-        assert x.shape == (2, TXT if p.endswith("txt") else IMG, WIDTH[family]), p
+        assert x.shape == (2, tokens_of(p), WIDTH[family]), p
 
 
 CASES = [(f, p) for f in FAMILIES for p in ALL[f]]
@@ -242,7 +329,7 @@ def test_the_block_output_is_exactly_the_steered_stream(adapter, name, case, q, 
     family, pos = case
     a = adapter(name, family)
     d = firing(family, [pos], seed=seed)
-    inp = inputs(1, seed=seed)
+    inp = inputs(family, 1, seed=seed)
     _, before = a.run(inp, rec=[pos])
     x = before[pos]
     steerer = d.entries[parse(pos)].steerer()
@@ -260,7 +347,7 @@ def test_the_block_output_is_exactly_the_steered_stream(adapter, name, case, q, 
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_window_follows_the_schedule(adapter, name, family):
     a = adapter(name, family)
-    inp = inputs(1, sigma=0.5)  # step 2 of 4: progress 0.5
+    inp = inputs(family, 1, sigma=0.5)  # step 2 of 4: progress 0.5
     base, _ = a.run(inp)
     d = firing(family)
     assert not torch.equal(a.run(inp, d, STEER.with_(start=0.5, end=1.0), steps=4)[0], base)
@@ -273,7 +360,7 @@ def test_window_follows_the_schedule(adapter, name, family):
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_apply_to_steers_only_its_half(adapter, name, family):
     a = adapter(name, family)
-    inp = inputs(2)
+    inp = inputs(family, 2)
     base, _ = a.run(inp)
     d = firing(family)
     layout = ("uncond", "cond")
@@ -283,28 +370,64 @@ def test_apply_to_steers_only_its_half(adapter, name, family):
     assert torch.equal(uncond[1], base[1]) and not torch.equal(uncond[0], base[0])
 
 
+def with_variant(d, name: str | None):
+    d.variant = name
+    return d
+
+
+# (model family, dictionary, the refusal); the models' variants: Flux, Chroma, Flux2, QwenImage, WAN21_T2V
+REFUSALS = [
+    ("flux", make_dictionary("flux", 32, ["double.0.img"]), r"double\.0\.img has width 32 in the dictionary but 64"),
+    ("flux", make_dictionary("flux", 64, ["double.5.img"]), r"double\.5\.img: the model has 2 double blocks"),
+    ("flux", make_dictionary("sd3", 64, ["joint.0.img"]), r"made for SD3, but the model is FLUX \(Flux\)$"),
+    ("sd3", make_dictionary("sd3", 128, ["joint.1.txt"]), r"joint\.1\.txt: the last joint block outputs no text"),
+    ("flux", make_dictionary("flux", 64, ["single.1.txt"]), r"single\.1\.txt: FLUX discards the text tokens"),
+    ("chroma", make_dictionary("flux", 64, ["double.0.img"]), r"made for FLUX, but the model is CHROMA \(Chroma\)$"),
+    ("flux", make_dictionary("chroma", 64, ["double.0.img"]), r"made for CHROMA, but the model is FLUX \(Flux\)$"),
+    ("flux2", make_dictionary("flux", 64, ["double.0.img"]), r"made for FLUX, but the model is FLUX2 \(Flux2\)$"),
+    ("chroma", make_dictionary("flux2", 64, ["single.0.img"]), r"made for FLUX2, but the model is CHROMA \(Chroma\)$"),
+    ("qwen_image", make_dictionary("flux", 64, ["double.0.img"]),
+     r"made for FLUX, but the model is QWEN_IMAGE \(QwenImage\)$"),
+    ("wan", make_dictionary("qwen_image", 64, ["double.0.img"]),
+     r"made for QWEN_IMAGE, but the model is WAN \(WAN21_T2V\)$"),
+    ("flux", with_variant(make_dictionary("flux", 64, ["double.0.img"]), "FluxSchnell"),
+     r"made for FLUX \(FluxSchnell\), but the model is FLUX \(Flux\)$"),
+    ("wan", with_variant(make_dictionary("wan", 64, ["double.0.img"]), "WAN22_T2V"),
+     r"made for WAN \(WAN22_T2V\), but the model is WAN \(WAN21_T2V\)$"),
+    ("wan", make_dictionary("wan", 64, ["double.0.txt"]), r"double\.0\.txt: WAN blocks return no txt stream"),
+    ("qwen_image", make_dictionary("qwen_image", 64, ["double.1.txt"]), r"double\.1\.txt: QWEN_IMAGE discards"),
+    ("chroma", make_dictionary("chroma", 64, ["single.1.txt"]), r"single\.1\.txt: CHROMA discards the text tokens"),
+]
+
+
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_mismatched_dictionaries_are_rejected_with_the_same_message(adapter, name):
-    cases = [
-        ("flux", make_dictionary("flux", 32, ["double.0.img"]), r"double\.0\.img has width 32 in the dictionary but 64"),
-        ("flux", make_dictionary("flux", 64, ["double.5.img"]), r"double\.5\.img: the model has 2 double blocks"),
-        ("flux", make_dictionary("sd3", 64, ["joint.0.img"]), r"made for SD3, but the model is FLUX"),
-        ("sd3", make_dictionary("sd3", 128, ["joint.1.txt"]), r"joint\.1\.txt: the last joint block outputs no text"),
-        ("flux", make_dictionary("flux", 64, ["single.1.txt"]), r"single\.1\.txt: FLUX discards the text tokens"),
-    ]
-    for family, d, message in cases:
+    for family, d, message in REFUSALS:
         with pytest.raises(DictionaryError, match=message):
-            adapter(name, family).run(inputs(1), d, STEER)
+            adapter(name, family).run(inputs(family, 1), d, STEER)
     with pytest.raises(PositionError, match=r"single\.0\.img .*not in the dictionary"):
-        adapter(name, "flux").run(inputs(1), firing("flux", ["double.0.img"]), STEER, positions="single.0.img")
+        adapter(name, "flux").run(inputs("flux", 1), firing("flux", ["double.0.img"]), STEER, positions="single.0.img")
+    adapter(name, "flux").run(inputs("flux", 1), make_dictionary("flux", 64, ["double.0.img"]), STEER)  # no variant: any
 
 
-DETECTOR = {"flux": "double.0.txt", "sd3": "joint.0.txt"}
+@pytest.mark.comfy
+def test_refusals_read_alike_in_both_runtimes(adapter):
+    def refusal(name, family, d):
+        with pytest.raises(DictionaryError) as e:
+            adapter(name, family).run(inputs(family, 1), d, STEER)
+        return str(e.value)
+
+    for family, d, _ in REFUSALS:
+        assert refusal("diffusers", family, d) == refusal("comfy", family, d)
 
 
-def two_images():
+DETECTOR = {"flux": "double.0.txt", "chroma": "double.0.txt", "flux2": "double.0.txt", "sd3": "joint.0.txt",
+            "qwen_image": "double.0.txt"}
+
+
+def two_images(family):
     """Two images whose prompts differ in strength, so that a text-stream statistic tells them apart."""
-    inp = inputs(2)
+    inp = inputs(family, 2)
     inp["ctx"] = inp["ctx"] * torch.tensor([1.0, 0.25]).view(2, 1, 1)
     return inp
 
@@ -332,12 +455,12 @@ def image_gate_case(dmodels, family, inp):
     return d, STEER.with_(gate="image", detect="text", threshold=tau), int(stat.argmax())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEXT)
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_per_image_gate_follows_the_text_decision(adapter, name, family, dmodels):
     """The text position's decision reaches every position of the call: the flagged image is steered, the
     other keeps every bit, though every acting position fires on both."""
-    a, inp = adapter(name, family), two_images()
+    a, inp = adapter(name, family), two_images(family)
     d, cfg, flagged = image_gate_case(dmodels, family, inp)
     base, _ = a.run(inp)
     out, _ = a.run(inp, d, cfg)
@@ -347,10 +470,10 @@ def test_per_image_gate_follows_the_text_decision(adapter, name, family, dmodels
     assert torch.equal(alone, base)  # deciding for themselves, the acting positions flag nothing
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEXT)
 def test_each_call_decides_afresh(dmodels, family):
     """One `steer` context, two calls: the second call's decision is its own (the images swapped places)."""
-    inp = two_images()
+    inp = two_images(family)
     swapped = {k: v.flip(0) for k, v in inp.items()}
     d, cfg, flagged = image_gate_case(dmodels, family, inp)
     m = dmodels[family]
@@ -364,35 +487,103 @@ def test_each_call_decides_afresh(dmodels, family):
 # ------------------------------------------------------------------------------ the two adapters agree
 
 
+def assert_agree(family, rec_d, rec_c, out_d, out_c, names):
+    """The same streams at `names` and, except for Chroma at 2 + 2 blocks (see the module docstring), the same
+    model output, to float rounding."""
+    assert sorted(rec_d) == sorted(rec_c) == sorted(names)
+    for p in names:
+        torch.testing.assert_close(rec_d[p], rec_c[p], atol=1e-4, rtol=1e-4, msg=lambda m, p=p: f"{p}: {m}")
+    if family != "chroma":
+        torch.testing.assert_close(out_d, out_c, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.comfy
 @pytest.mark.parametrize("family", FAMILIES)
 def test_diffusers_and_comfyui_agree_unsteered_and_steered(adapter, family):
     """Equal weights and inputs: the same block outputs and model output, unsteered and with one dictionary."""
     dif, com = adapter("diffusers", family), adapter("comfy", family)
-    inp = inputs(2, sigma=0.5)
+    inp = inputs(family, 2, sigma=0.5)
     d = firing(family)
     for kw in ({}, {"d": d, "cfg": STEER.with_(start=0.25), "steps": 4}):
         (out_d, rec_d), (out_c, rec_c) = dif.run(inp, rec=ALL[family], **kw), com.run(inp, rec=ALL[family], **kw)
-        assert sorted(rec_d) == sorted(rec_c) == sorted(ALL[family])
-        for p in ALL[family]:
-            torch.testing.assert_close(rec_d[p], rec_c[p], atol=1e-4, rtol=1e-4, msg=lambda m, p=p: f"{p}: {m}")
-        torch.testing.assert_close(out_d, out_c, atol=1e-4, rtol=1e-4)
-    base, _ = dif.run(inp)
+        assert_agree(family, rec_d, rec_c, out_d, out_c, ALL[family])
+    base, rec = dif.run(inp, rec=ALL[family])
     assert not torch.equal(out_d, base)  # the second round did steer
+    assert not torch.equal(rec_d[ALL[family][-1]], rec[ALL[family][-1]])
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEXT)
 def test_diffusers_and_comfyui_agree_under_the_per_image_gate(adapter, family, dmodels):
     dif, com = adapter("diffusers", family), adapter("comfy", family)
-    inp = two_images()
+    inp = two_images(family)
     d, cfg, flagged = image_gate_case(dmodels, family, inp)
     (out_d, rec_d), (out_c, rec_c) = dif.run(inp, d, cfg, rec=ALL[family]), com.run(inp, d, cfg, rec=ALL[family])
-    for p in ALL[family]:
-        torch.testing.assert_close(rec_d[p], rec_c[p], atol=1e-4, rtol=1e-4, msg=lambda m, p=p: f"{p}: {m}")
-    torch.testing.assert_close(out_d, out_c, atol=1e-4, rtol=1e-4)
+    assert_agree(family, rec_d, rec_c, out_d, out_c, ALL[family])
     base, _ = dif.run(inp)
     assert torch.equal(out_d[1 - flagged], base[1 - flagged]) and not torch.equal(out_d[flagged], base[flagged])
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", FLUX_STYLE)
+def test_diffusers_and_comfyui_agree_at_the_text_input(adapter, family):
+    """`input.txt` is the conditioning as the DiT receives it (`encoder_hidden_states`, CTX wide) in both."""
+    dif, com = adapter("diffusers", family), adapter("comfy", family)
+    assert layout_of(dif.model).width_of(parse("input.txt")) == CTX == comfyui.layout_of(com.model).input_width
+    inp = inputs(family, 2)
+    d = make_dictionary(family, CTX, ["input.txt"])
+    names = ["input.txt", "double.0.img", "single.0.txt"]
+    base, rec = dif.run(inp, rec=names)
+    assert torch.equal(rec["input.txt"], inp["ctx"])
+    (out_d, rec_d), (out_c, rec_c) = dif.run(inp, d, STEER, rec=names), com.run(inp, d, STEER, rec=names)
+    assert_agree(family, rec_d, rec_c, out_d, out_c, names)
+    assert torch.equal(rec_d["input.txt"], d.entries[parse("input.txt")].steerer().steer(inp["ctx"], STEER))
+    assert not torch.equal(out_d, base)
+    zero, rec0 = dif.run(inp, d, SteeringConfig(blend=0.0, repel=0.0), rec=names)
+    assert torch.equal(zero, base) and all(torch.equal(rec0[n], rec[n]) for n in names)
+
+
+REFERENCE = ["flux", "flux2", "qwen_image"]  # FLUX.1 Kontext, Flux.2 and Qwen-Image edits
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", REFERENCE)
+def test_reference_image_tokens_are_never_steered(adapter, family):
+    """A reference latent beside the output: its tokens are in neither stream, stay unsteered, and both runtimes
+    see the same output-image tokens (ComfyUI's `ref_latents`, diffusers' tokens after the output's)."""
+    dif, com = adapter("diffusers", family), adapter("comfy", family)
+    inp = inputs(family, 2)
+    refs = [torch.randn(2, *latent_shape(family), generator=torch.Generator().manual_seed(9))]
+    names = [n for n in ALL[family] if n.startswith("double.0") or n.startswith("single.0")]
+    seen = []  # the image tokens block 0 hands on (block 1's input, after the hooks on block 0)
+    handle = dif.model.transformer_blocks[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["hidden_states"].clone()), with_kwargs=True)
+    try:
+        base, rec = dif.run(inp, rec=names, refs=refs)
+        out_d, rec_d = dif.run(inp, firing(family), STEER, rec=names, refs=refs)
+    finally:
+        handle.remove()
+    assert all(rec[n].shape[1] == tokens_of(n) for n in names)  # 16 output-image tokens, not 32
+    plain, steered = seen
+    assert plain.shape[1] == 2 * IMG and torch.equal(steered[:, IMG:], plain[:, IMG:])
+    assert not torch.equal(steered[:, :IMG], plain[:, :IMG])
+    out_c, rec_c = com.run(inp, firing(family), STEER, rec=names, refs=refs)
+    assert_agree(family, rec_d, rec_c, out_d, out_c, names)
+    assert not torch.equal(out_d, base)
+    txt_only = [(a.run(inp, firing(family), STEER, "double.0.txt", rec=names, refs=refs)) for a in (dif, com)]
+    assert_agree(family, txt_only[0][1], txt_only[1][1], txt_only[0][0], txt_only[1][0], names)
+    assert torch.equal(txt_only[0][1]["double.0.img"], rec["double.0.img"])
+
+
+@pytest.mark.comfy
+def test_chroma_model_output_agrees_at_comfyuis_modulation_count(comfy):
+    """2 double + 106 single blocks need 3·106 + 12·2 + 2 = 344 modulation vectors, ComfyUI's fixed count: the
+    final layer's are then the same ones, and so is the model output, unsteered and steered."""
+    dm = tiny_diffusers("chroma", single=106)
+    dif, com = DiffusersAdapter("diffusers", "chroma", dm), ComfyAdapter("comfy", "chroma", same_weights("chroma", dm))
+    inp = inputs("chroma", 1)
+    for kw in ({}, {"d": firing("chroma", ["double.1.img", "single.105.img"]), "cfg": STEER}):
+        torch.testing.assert_close(dif.run(inp, **kw)[0], com.run(inp, **kw)[0], atol=1e-4, rtol=1e-4)
 
 
 # -------------------------------------------------------------------------------- diffusers adapter only
@@ -405,7 +596,7 @@ def no_hooks(model) -> bool:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hooks_are_removed_on_exit_and_on_errors(dmodels, family, tmp_path):
     m = dmodels[family]
-    inp = inputs(1)
+    inp = inputs(family, 1)
     base = dforward(m, family, inp)
     path = tmp_path / "d.safetensors"
     save(firing(family), str(path))
@@ -430,22 +621,35 @@ def test_hooks_are_removed_on_exit_and_on_errors(dmodels, family, tmp_path):
 
 
 def test_positions_are_checked_against_the_transformer(dmodels):
-    flux, sd3 = dmodels["flux"], dmodels["sd3"]
-    for model, names, message in [
-        (flux, "double.2.img", (r"double\.2\.img: the model has 2 double blocks .*this transformer has 2 double, "
-                                r"2 single blocks of width 64")),
-        (flux, ["single.1.txt"], r"single\.1\.txt: FLUX discards"),
-        (flux, "joint.0.img", r"joint\.0\.img belongs to SD3, but the model is FLUX"),
-        (sd3, "joint.0.img, joint.1.txt", r"joint\.1\.txt: the last joint block outputs no text .*2 joint blocks"),
-        (sd3, "double.0.img", r"belongs to FLUX, but the model is SD3"),
-        (sd3, "joint.0.image", r"bad position name 'joint\.0\.image'"),
+    for family, names, message in [
+        ("flux", "double.2.img", (r"double\.2\.img: the model has 2 double blocks .*this transformer has 2 double, "
+                                  r"2 single blocks of width 64")),
+        ("flux", ["single.1.txt"], r"single\.1\.txt: FLUX discards"),
+        ("flux", "joint.0.img", r"joint\.0\.img belongs to SD3, but the model is FLUX \(Flux\)"),
+        ("sd3", "joint.0.img, joint.1.txt", r"joint\.1\.txt: the last joint block outputs no text .*2 joint blocks"),
+        ("sd3", "double.0.img", r"belongs to FLUX, but the model is SD3"),
+        ("sd3", "joint.0.image", r"bad position name 'joint\.0\.image'"),
+        ("sd3", "input.txt", r"input\.txt: SafeDIG does not hook the text input of SD3"),
+        ("qwen_image", "input.txt", r"input\.txt: SafeDIG does not hook the text input of QWEN_IMAGE \(QwenImage\)"),
+        ("wan", "double.0.txt", r"double\.0\.txt: WAN blocks return no txt stream .*2 double blocks of width 64"),
+        ("qwen_image", "single.0.img", r"single\.0\.img belongs to FLUX, but the model is QWEN_IMAGE"),
+        ("chroma", "single.2.img", r"single\.2\.img: the model has 2 single blocks"),
+        ("flux2", "double.1.txt, single.1.txt", r"single\.1\.txt: FLUX2 discards"),
     ]:
+        model = dmodels[family]
         with pytest.raises(PositionError, match=message):
-            record(flux if model is flux else sd3, names, print)
+            record(model, names, print)
         assert no_hooks(model)
-    with pytest.raises(ValueError, match=r"FluxTransformer2DModel and SD3Transformer2DModel; got a Linear"):
+    with pytest.raises(ValueError, match=r"FluxTransformer2DModel, .*, WanTransformer3DModel; got a Linear"):
         layout_of(torch.nn.Linear(2, 2))
-    assert layout_of(sd3).last_txt_absent and layout_of(flux).blocks == {"double": 2, "single": 2}
+    layouts = {f: layout_of(m) for f, m in dmodels.items()}
+    assert layouts["sd3"].last_txt_absent and layouts["flux"].blocks == {"double": 2, "single": 2}
+    assert {f: (lay.family, lay.variant) for f, lay in layouts.items()} == {
+        "flux": ("flux", "Flux"), "sd3": ("sd3", None), "chroma": ("chroma", "Chroma"), "flux2": ("flux2", "Flux2"),
+        "qwen_image": ("qwen_image", "QwenImage"), "wan": ("wan", "WAN21_T2V")}
+    assert [p.name for p in layouts["chroma"].positions()] == ["input.txt", *FLUX_ALL]
+    assert [p.name for p in layouts["qwen_image"].positions()] == ALL["qwen_image"]
+    assert [p.name for p in layouts["wan"].positions()] == ALL["wan"]
 
 
 def test_apply_to_needs_a_batch_layout(dmodels):
@@ -466,7 +670,7 @@ def test_progress_from_the_scheduler_and_by_hand(dmodels, family):
     seen = []
     d = firing(family)
     for step, t in enumerate(sched.timesteps):
-        inp = inputs(1, sigma=float(t) / 1000)
+        inp = inputs(family, 1, sigma=float(t) / 1000)
         with record(m, ALL[family][:1], lambda p, x, info: seen.append(info), schedule=sched):
             base = dforward(m, family, inp)
         with steer(m, d, STEER.with_(start=0.5), schedule=sched) as hooks:
@@ -479,7 +683,7 @@ def test_progress_from_the_scheduler_and_by_hand(dmodels, family):
     assert [round(i["timestep"]) for i in seen] == [1000, 667, 334, 1]
     with (pytest.raises(ValueError, match=r"timestep 500 .* is not in the steering schedule \[1 .. 1000\]"),
           steer(m, d, STEER, schedule=sched)):
-        dforward(m, family, inputs(1, sigma=0.5))
+        dforward(m, family, inputs(family, 1, sigma=0.5))
 
 
 class JoinedSingle(torch.nn.Module):
@@ -494,19 +698,20 @@ class JoinedSingle(torch.nn.Module):
                           image_rotary_emb=image_rotary_emb)[1]
 
 
-class JoinedFlux(torch.nn.Module):
-    """A FLUX transformer with the older single-block loop (join, run the single blocks, drop the text),
-    sharing the weights of a current one."""
+class JoinedFlux(diffusers.FluxTransformer2DModel):
+    """A FLUX transformer with the older single-block loop (join, run the single blocks, drop the text): a
+    FluxTransformer2DModel by class, with the weights of a current one."""
 
-    def __init__(self, flux):
-        super().__init__()
-        self.flux, self.inner_dim = flux, flux.inner_dim
-        self.transformer_blocks = flux.transformer_blocks
-        self.single_transformer_blocks = torch.nn.ModuleList(JoinedSingle(b) for b in flux.single_transformer_blocks)
+    @classmethod
+    def like(cls, flux):
+        m = cls.from_config(flux.config)
+        m.load_state_dict(flux.state_dict())
+        m.single_transformer_blocks = torch.nn.ModuleList(JoinedSingle(b) for b in m.single_transformer_blocks)
+        return m.eval().requires_grad_(False)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
                 return_dict=False):
-        f = self.flux
+        f = self
         img, txt = f.x_embedder(hidden_states), f.context_embedder(encoder_hidden_states)
         temb = f.time_text_embed(timestep * 1000, guidance * 1000, pooled_projections)
         rope = f.pos_embed(torch.cat([txt_ids, img_ids]))
@@ -520,8 +725,8 @@ class JoinedFlux(torch.nn.Module):
 
 def test_joined_single_blocks_of_older_diffusers(dmodels):
     flux = dmodels["flux"]
-    joined = JoinedFlux(flux)
-    inp = inputs(2)
+    joined = JoinedFlux.like(flux)
+    inp = inputs("flux", 2)
     names = ["single.0.txt", "single.0.img", "single.1.img", "double.1.txt"]
     d = firing("flux", names)
     runs = {}
@@ -542,7 +747,7 @@ def test_joined_single_blocks_of_older_diffusers(dmodels):
 
 def test_low_precision_model(dmodels):
     m = copy.deepcopy(dmodels["sd3"]).to(torch.bfloat16)
-    inp = {k: v.to(torch.bfloat16) for k, v in inputs(1).items()}
+    inp = {k: v.to(torch.bfloat16) for k, v in inputs("sd3", 1).items()}
     base = dforward(m, "sd3", inp)
     d = firing("sd3")
     got = {}
@@ -556,7 +761,7 @@ def test_low_precision_model(dmodels):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_model_steers_like_the_cpu_one(dmodels):
     d = firing("flux")
-    inp = inputs(1)
+    inp = inputs("flux", 1)
     with steer(dmodels["flux"], d, STEER):
         ref = dforward(dmodels["flux"], "flux", inp)
     m = copy.deepcopy(dmodels["flux"]).cuda()

@@ -1,5 +1,5 @@
-"""Collection through diffusers pipelines (`DiffusersRunner`) on tiny random FLUX and SD3 pipelines without text
-encoders or VAE: what reaches the store is what the adapter's hooks see (cond rows, first call of each step),
+"""Collection through diffusers pipelines (`DiffusersRunner`) on tiny random FLUX, SD3, Chroma and Qwen-Image
+pipelines without text encoders or VAE: what reaches the store is what the adapter's hooks see (cond rows, first call of each step),
 interruption resumes to the same store, other settings are refused, and the store builds a dictionary that
 steers the same pipeline."""
 from __future__ import annotations
@@ -31,6 +31,10 @@ def tiny_pipe(family: str):
     if family == "flux":
         pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
                                       transformer=tiny_diffusers("flux"), **parts)
+    elif family in ("chroma", "qwen_image"):
+        cls = diffusers.ChromaPipeline if family == "chroma" else diffusers.QwenImagePipeline
+        pipe = cls(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                   transformer=tiny_diffusers(family))
     else:
         pipe = diffusers.StableDiffusion3Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
                                                   transformer=tiny_diffusers("sd3"), text_encoder_3=None,
@@ -39,9 +43,13 @@ def tiny_pipe(family: str):
     return pipe
 
 
+FAMILIES = ("flux", "sd3", "chroma", "qwen_image")
+SEPARATE_CFG = ("chroma", "qwen_image")  # guidance runs the negative prompt as a second call of each step
+
+
 @pytest.fixture(scope="module")
 def pipes():
-    return {f: tiny_pipe(f) for f in ("flux", "sd3")}
+    return {f: tiny_pipe(f) for f in FAMILIES}
 
 
 def encode(text: str) -> dict:
@@ -59,9 +67,27 @@ def flux_encode(text: str) -> dict:  # FluxPipeline takes negatives only for tru
     return {k: e[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
 
 
+def chroma_encode(text: str) -> dict:
+    e, mask = encode(text), torch.ones(1, 5)
+    return {"prompt_embeds": e["prompt_embeds"], "negative_prompt_embeds": e["negative_prompt_embeds"],
+            "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask}
+
+
+def qwen_encode(text: str) -> dict:
+    e, mask = encode(text), torch.ones(1, 5, dtype=torch.long)
+    return {"prompt_embeds": e["prompt_embeds"], "negative_prompt_embeds": e["negative_prompt_embeds"],
+            "prompt_embeds_mask": mask, "negative_prompt_embeds_mask": mask}
+
+
+ENCODE = {"flux": flux_encode, "sd3": encode, "chroma": chroma_encode, "qwen_image": qwen_encode}
+GUIDANCE = {"flux": 3.5, "sd3": 5.0, "chroma": 5.0, "qwen_image": 1.0}  # Qwen-Image guides by true_cfg_scale
+
+
 def runner(pipes, family, **kw):
-    kw.setdefault("guidance_scale", 3.5 if family == "flux" else 5.0)
-    return DiffusersRunner(pipes[family], flux_encode if family == "flux" else encode, height=SIDE, width=SIDE, **kw)
+    kw.setdefault("guidance_scale", GUIDANCE[family])
+    if family == "qwen_image":
+        kw.setdefault("true_cfg_scale", 4.0)
+    return DiffusersRunner(pipes[family], ENCODE[family], height=SIDE, width=SIDE, **kw)
 
 
 def prompts(n=4):
@@ -87,7 +113,7 @@ def files(path) -> dict:
     return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_store_holds_the_cond_rows_the_hooks_see(pipes, tmp_path, family):
     r = runner(pipes, family)
     recs = prompts()
@@ -97,7 +123,8 @@ def test_store_holds_the_cond_rows_the_hooks_see(pipes, tmp_path, family):
     names = [p.name for p in r.layout.positions()]
     assert [p.name for p in s.positions] == names and s.steps == WANT_STEPS and s.complete
     assert s.config["runner"]["runner"] == "diffusers" and s.config["runner"]["family"] == family
-    guidance = {"guidance_scale": r.guidance_scale}
+    assert s.config["runner"]["variant"] == r.layout.variant
+    guidance = {"guidance_scale": r.guidance_scale, **r.options}
     for i in (0, 2):
         calls = hooked(pipes[family], r.encode(recs[i].prompt), prompt_seed(recs[i], i, 7), **guidance)
         for name in names:
@@ -107,6 +134,9 @@ def test_store_holds_the_cond_rows_the_hooks_see(pipes, tmp_path, family):
                 first = calls[(name, step)][0]
                 if family == "sd3":  # CFG: [uncond, cond] in one call
                     assert first.shape[0] == 2 and not torch.equal(first[0], first[1])
+                if family in SEPARATE_CFG:  # the positive call first, the negative second
+                    later = calls[(name, step)][1]
+                    assert first.shape[0] == later.shape[0] == 1 and not torch.equal(first, later)
                 cond = first[-1]
                 sel = (batch.prompt == i) & (batch.step == step)
                 tok = batch.token[sel]

@@ -1,1 +1,1 @@
-"""diffusers: steering and recording through forward hooks on FluxTransformer2DModel / SD3Transformer2DModel (hooks), and the collection runner for diffusers pipelines (runner). The only part of the core that imports diffusers."""
+"""diffusers: which family a diffusers transformer is and how its blocks hand their streams (families), steering and recording through forward hooks on it (hooks), and the collection runner for diffusers pipelines (runner). The only part of the core that imports diffusers."""

@@ -1,24 +1,28 @@
-"""SafeDIG on diffusers' FLUX and SD3 transformers: steer and record block outputs through forward hooks.
+"""SafeDIG on diffusers' DiT transformers: steer and record block outputs through forward hooks.
 
-The core's other adapter patches ComfyUI; this one hooks a diffusers `FluxTransformer2DModel` or
-`SD3Transformer2DModel` (no ComfyUI needed) and applies the same `PositionSteerer.steer` to the same
-dictionary files. Position names map onto diffusers' blocks as follows (read from diffusers 0.42.1):
+The core's other adapter patches ComfyUI; this one hooks a diffusers transformer (no ComfyUI needed) of FLUX.1,
+Chroma, Flux.2, SD3/SD3.5, Qwen-Image or Wan 2.x and applies the same `PositionSteerer.steer` to the same
+dictionary files. `families.py` tells the family from the transformer's class and maps position names onto its
+blocks (read from diffusers 0.42.1):
 
-- FLUX `transformer_blocks[i]` (FluxTransformerBlock) → `double.i.txt` / `double.i.img`: the block
-  returns `(encoder_hidden_states, hidden_states)`, text first.
-- FLUX `single_transformer_blocks[j]` (FluxSingleTransformerBlock) → `single.j.txt` / `single.j.img`:
-  current diffusers pass text and image separately and get `(encoder_hidden_states, hidden_states)` back;
-  older releases pass the joined sequence `[txt | img]` and get it back joined, where the text is as long
-  as the model call's `encoder_hidden_states`. The hook tells the two apart by what the block returns.
+- FLUX.1, Chroma, Flux.2 `transformer_blocks[i]` → `double.i.txt` / `double.i.img`: the block returns
+  `(encoder_hidden_states, hidden_states)`, text first.
+- their `single_transformer_blocks[j]` → `single.j.txt` / `single.j.img`: FLUX.1's current blocks pass text
+  and image separately and return both; Chroma's, Flux.2's and older FLUX.1 releases' take the joined
+  sequence `[txt | img]` and return it joined, where the text is as long as the model call's
+  `encoder_hidden_states`. The hook tells the two apart by what the block returns.
+- their `input.txt` → the call's `encoder_hidden_states` (the conditioning before `context_embedder`).
 - SD3/SD3.5 `transformer_blocks[i]` (JointTransformerBlock) → `joint.i.txt` / `joint.i.img`: returns
   `(encoder_hidden_states, hidden_states)`; the last block is context-pre-only and returns `None` as text.
+- Qwen-Image `transformer_blocks[i]` → `double.i.txt` / `double.i.img` (text first, joint attention).
+- Wan `blocks[i]` → `double.i.img`: the block returns the image stream alone (text enters by cross-attention).
 
-The image stream is every image token of the block, Kontext reference-image tokens included (ComfyUI's
-adapter leaves those out). Sampler window: a pre-hook on the transformer reads each call's `timestep`;
-with `schedule` (the pipeline's scheduler, read live, or a tensor of timesteps) the call is step i of n
-where i indexes the nearest schedule entry, and progress is i/n, the unit ComfyUI's window uses. Without
-a schedule (and without `set_progress`) every call is in the window, as in ComfyUI. The per-image gate's
-decision (`gate.py`) lives in the hooks' shared state, made afresh by that pre-hook for every call.
+The image stream is the output image's tokens; reference-image tokens (FLUX.1 Kontext, Flux.2 and Qwen-Image
+edits) are never steered, as in ComfyUI's adapter. Sampler window: a pre-hook on the transformer reads each
+call's `timestep`; with `schedule` (the pipeline's scheduler, read live, or a tensor of timesteps) the call is
+step i of n where i indexes the nearest schedule entry, and progress is i/n, the unit ComfyUI's window uses.
+Without a schedule (and without `set_progress`) every call is in the window, as in ComfyUI. The per-image
+gate's decision (`gate.py`) lives in the hooks' shared state, made afresh by that pre-hook for every call.
 
 Usage:
     with steer(pipe.transformer, "dict.safetensors", SteeringConfig(blend=1, repel=1), schedule=pipe.scheduler):
@@ -29,53 +33,26 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
 
 from ...formats.dictionary import SafetyDictionary, load
 from ...gate import CallDecision, plan, steer_block
 from ...positions import ModelLayout, Position, PositionError, for_layout, parse_list
 from ...schedule import half_rows, in_window
 from ...steering import SteeringConfig
+from . import families
+from .families import layout_of
 
 HALVES = {"cond": 0, "uncond": 1}  # steering.half_rows' chunk codes
-
-
-def layout_of(transformer) -> ModelLayout:
-    """Block counts and width of a diffusers FLUX or SD3 transformer (duck-typed on its block lists)."""
-    t = transformer
-    blocks = getattr(t, "transformer_blocks", None)
-    if blocks is not None and len(blocks):
-        width = getattr(t, "inner_dim", None) or t.config.num_attention_heads * t.config.attention_head_dim
-        if hasattr(t, "single_transformer_blocks"):
-            return ModelLayout("flux", {"double": len(blocks), "single": len(t.single_transformer_blocks)}, width)
-        if hasattr(blocks[-1], "context_pre_only"):
-            return ModelLayout("sd3", {"joint": len(blocks)}, width,
-                               last_txt_absent=bool(blocks[-1].context_pre_only))
-    raise ValueError(f"SafeDIG steers diffusers FluxTransformer2DModel and SD3Transformer2DModel; got a "
-                     f"{type(t).__name__} (pass the pipeline's .transformer)")
-
-
-def block_of(transformer, p: Position) -> torch.nn.Module:
-    blocks = transformer.single_transformer_blocks if p.kind == "single" else transformer.transformer_blocks
-    return blocks[p.index]
 
 
 def describe(layout: ModelLayout) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in layout.blocks.items()) + f" blocks of width {layout.width}"
 
 
-def model_time(layout: ModelLayout, timestep) -> float | None:
-    """The timestep in the scheduler's units (0..1000): FLUX's transformer multiplies its `timestep`
-    argument by 1000 itself (the pipeline passes t/1000), SD3's takes the scheduler's t as it is."""
-    if timestep is None:
-        return None
-    t = float(timestep.flatten()[0]) if isinstance(timestep, Tensor) else float(timestep)
-    return t * 1000 if layout.family == "flux" else t
-
-
 class Hooks:
     """The hooks of one `steer` or `record` call, and what they share about the current transformer call
-    (progress, timestep, text length). A context manager: leaving it, or `close()`, removes every hook."""
+    (progress, timestep, text length, the output image's tokens). A context manager: leaving it, or `close()`,
+    removes every hook."""
 
     def __init__(self, transformer, layout: ModelLayout, schedule=None, halves=None):
         self.transformer, self.layout, self.schedule = transformer, layout, schedule
@@ -85,6 +62,8 @@ class Hooks:
         self.progress: float | None = None
         self.timestep: float | None = None
         self.txt_len: int | None = None
+        self.img_span: tuple[int, int] | None = None
+        self.on_input = None  # the text input's hook: txt -> txt
         self.decision = CallDecision()  # the per-image gate's decision within the current call
         self.handles.append(transformer.register_forward_pre_hook(self._before_call, with_kwargs=True))
 
@@ -96,11 +75,18 @@ class Hooks:
         self.manual = progress
 
     def _before_call(self, module, args, kwargs):
-        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        self.txt_len = None if enc is None else enc.shape[1]
-        self.timestep = model_time(self.layout, kwargs.get("timestep", args[3] if len(args) > 3 else None))
+        call = families.read_call(self.layout.family, module, args, kwargs)
+        self.txt_len, self.img_span, self.timestep = call.txt_len, call.img_span, call.timestep
         self.progress = self.manual if self.manual is not None else self._scheduled()
         self.decision = CallDecision()
+        enc = call.arguments.arguments.get("encoder_hidden_states")
+        if self.on_input is None or enc is None:
+            return None
+        new = self.on_input(enc)
+        if new is enc:
+            return None
+        call.arguments.arguments["encoder_hidden_states"] = new
+        return call.arguments.args, call.arguments.kwargs
 
     def _scheduled(self) -> float | None:
         ts = getattr(self.schedule, "timesteps", self.schedule)
@@ -122,27 +108,33 @@ class Hooks:
         return i / len(ts)
 
     def hook(self, positions: list[Position], on_streams) -> None:
-        """Hook the block of `positions` (one block): `on_streams(streams, positions)` gets {"txt", "img"}
-        tensors (txt None where the block outputs no text) and returns them, replaced where it changed them."""
+        """Hook the block of `positions` (one block, or the text input): `on_streams(streams, positions)` gets
+        {"txt", "img"} tensors (None where the block outputs no such stream; img: the output image's tokens)
+        and returns them, replaced where it changed them."""
+        if positions[0].kind == "input":
+            self.on_input = lambda txt: on_streams({"txt": txt, "img": None}, positions)["txt"]
+            return
+        family = self.layout.family
+
         def after(module, args, out):
-            joined = not isinstance(out, (tuple, list))
-            if joined:  # older FluxSingleTransformerBlock: one sequence [txt | img]
-                if self.txt_len is None:
-                    raise ValueError(f"cannot split the output of {positions[0].kind} block {positions[0].index} "
-                                     "into text and image: the transformer was called without encoder_hidden_states")
-                txt, img = out[:, :self.txt_len], out[:, self.txt_len:]
-            else:
-                txt, img = out[0], out[1]
+            txt, full, repack = families.unpack(family, out, self.txt_len, positions[0])
+            span = self.img_span
+            img = full if span is None else full[:, span[0]:span[0] + span[1]]
             new = on_streams({"txt": txt, "img": img}, positions)
             if new["txt"] is txt and new["img"] is img:
                 return None
-            if joined:
-                return torch.cat([new["txt"], new["img"]], dim=1)
-            return type(out)((new["txt"], new["img"], *out[2:]))
+            if new["img"] is img:
+                img = full
+            elif span is not None:  # the reference images' tokens around it stay as they were
+                img = torch.cat([full[:, :span[0]], new["img"], full[:, span[0] + span[1]:]], dim=1)
+            else:
+                img = new["img"]
+            return repack(new["txt"], img)
 
-        self.handles.append(block_of(self.transformer, positions[0]).register_forward_hook(after))
+        self.handles.append(families.block_of(self.transformer, family, positions[0]).register_forward_hook(after))
 
     def close(self) -> None:
+        self.on_input = None
         while self.handles:
             self.handles.pop().remove()
 
@@ -182,16 +174,16 @@ def _install(transformer, layout, positions, on_streams, schedule, halves) -> Ho
 
 def steer(transformer, dictionary: SafetyDictionary | str | os.PathLike, cfg: SteeringConfig | None = None,
           positions="all", schedule=None, halves=None) -> Hooks:
-    """Steer `transformer` (a diffusers FLUX or SD3 transformer) with a SafeDIG dictionary (object or
-    file) until the returned `Hooks` is closed; use it as `with steer(...):`.
+    """Steer `transformer` (a diffusers transformer of a family `families.py` knows) with a SafeDIG dictionary
+    (object or file) until the returned `Hooks` is closed; use it as `with steer(...):`.
 
     cfg: steering settings (default: the dictionary's own defaults). positions: "all", a comma list or a
     list of the dictionary's positions. schedule: the pipeline's scheduler (or its timesteps) for the
     sampler window. halves: the batch layout, needed by apply_to "cond"/"uncond": diffusers' SD3 pipeline
     with guidance_scale > 1 stacks ("uncond", "cond") in one call (its skip-layer guidance adds a cond-only
     call, which this fixed layout cannot describe); FLUX-dev is guidance-distilled and has no CFG batch
-    (("cond",), or leave apply_to at "both"); FluxPipeline's true_cfg_scale runs the negative prompt as a
-    call of its own, so a layout per call would be needed there."""
+    (("cond",), or leave apply_to at "both"); FluxPipeline's true_cfg_scale and the Chroma, Qwen-Image and
+    Wan pipelines run the negative prompt as a call of its own, so a layout per call would be needed there."""
     source = "dictionary"
     if not isinstance(dictionary, SafetyDictionary):
         source = f"safety dictionary {os.fspath(dictionary)}"

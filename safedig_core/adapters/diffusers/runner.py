@@ -1,13 +1,14 @@
-"""Collection from a diffusers pipeline: a `collect.Runner` for `FluxPipeline` and `StableDiffusion3Pipeline`.
+"""Collection from a diffusers pipeline: a `collect.Runner` for the pipelines of the transformers the adapter hooks
+(`FluxPipeline`, `StableDiffusion3Pipeline`, `ChromaPipeline`, `Flux2Pipeline`, `QwenImagePipeline`, ...).
 
 `collect()` is written against the Runner protocol; `ComfyRunner` samples through ComfyUI. This runner
 samples through a diffusers pipeline instead and records through the diffusers adapter's hooks
 (`hooks.record`), so a store - and the dictionaries built from it - can come from diffusers
 without ComfyUI. What reaches the store is what ComfyRunner delivers: the cond rows of the first
 transformer call of each sampler step. Diffusers' SD3 pipeline with guidance_scale > 1 stacks
-[uncond, cond] in one call (the second half is kept); FluxPipeline with true_cfg_scale > 1 runs the
-positive prompt's call first and the negative's second (the first is kept); SD3's skip-layer guidance
-adds a later cond-only call (skipped, as the second call of its step).
+[uncond, cond] in one call (the second half is kept); FluxPipeline with true_cfg_scale > 1, and the Chroma,
+Qwen-Image and Wan pipelines with guidance, run the positive prompt's call first and the negative's second (the
+first is kept); SD3's skip-layer guidance adds a later cond-only call (skipped, as the second call of its step).
 
 Usage:
     runner = DiffusersRunner(pipe, guidance_scale=3.5, height=1024, width=1024)
@@ -31,7 +32,7 @@ from .hooks import layout_of, record
 
 
 class DiffusersRunner:
-    """Samples one image per prompt with a diffusers FLUX or SD3 pipeline (latents only, no VAE decode).
+    """Samples one image per prompt with a diffusers pipeline (latents only, no VAE decode).
 
     encode(prompt) -> dict of pipeline kwargs (prompt_embeds, pooled_prompt_embeds, negative_...) replaces
     the pipeline's own text encoders (default: `prompt=` the text); guidance_scale/height/width: None takes
@@ -53,7 +54,7 @@ class DiffusersRunner:
         lay, pipe = self.layout, self.pipe
         sched = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
         return {"runner": "diffusers", "pipeline": type(pipe).__name__, "model": self.name, "family": lay.family,
-                "blocks": dict(lay.blocks), "width": lay.width, "device": _device(pipe).type,
+                "variant": lay.variant, "blocks": dict(lay.blocks), "width": lay.width, "device": _device(pipe).type,
                 "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "guidance_scale": self.guidance_scale,
                 "image_height": self.height, "image_width": self.width, "scheduler": type(pipe.scheduler).__name__,
                 "scheduler_config": json.loads(json.dumps(sched, default=repr)),
@@ -72,7 +73,7 @@ class DiffusersRunner:
                 return  # later calls of the same step: FLUX's true-CFG negative, SD3's skip-layer guidance
             seen.add((p, step))
             if record_step(step):
-                sink(p, _cond_rows(pipe, x), step)
+                sink(p, _cond_rows(pipe, self.layout.family, x), step)
 
         prompt = self.encode(rec.prompt) if self.encode else {"prompt": rec.prompt}
         generator = torch.Generator(_device(pipe)).manual_seed(seed)
@@ -81,9 +82,12 @@ class DiffusersRunner:
                  guidance_scale=self.guidance_scale, height=self.height, width=self.width)
 
 
-def _cond_rows(pipe, x: torch.Tensor) -> torch.Tensor:
-    """The cond half of a call: diffusers' CFG pipelines (SD3) stack [uncond, cond] along the batch."""
-    if not getattr(pipe, "do_classifier_free_guidance", False):
+STACKED_CFG = ("sd3",)  # pipelines that stack [uncond, cond] in one call; the others call once per prompt
+
+
+def _cond_rows(pipe, family: str, x: torch.Tensor) -> torch.Tensor:
+    """The cond half of a call: diffusers' SD3 pipeline with CFG stacks [uncond, cond] along the batch."""
+    if family not in STACKED_CFG or not getattr(pipe, "do_classifier_free_guidance", False):
         return x
     if x.shape[0] % 2:
         raise CollectError(f"{type(pipe).__name__} guides with CFG but the transformer got an odd batch of "
