@@ -122,6 +122,18 @@ With **SafeDIG Testbed Model** this runs on a CPU in about a minute; for FLUX.1 
 """
 
 
+def shipped_operating_point() -> dict:
+    """Apply Steering's widgets at the operating point stored in the shipped testbed dictionary
+    (`python -m safedig_core.testbed.dictionary` measures it by the demo's rule)."""
+    from safedig_core.formats.dictionary import load
+    from safedig_core.testbed.dictionary import PATH
+
+    sd = load(PATH).steering_defaults
+    gate = {"token": "per token", "image": "per image"}[sd["gate"]]  # the node's option labels
+    detect = {"each": "each position", "text": "text positions", "img": "image positions"}[sd["detect"]]
+    return {"blend": sd["blend"], "repel": sd["repel"], "threshold": sd["threshold"], "gate": gate, "detect_at": detect}
+
+
 def testbed(info: dict) -> dict:
     g = Graph(info)
     model = g.add("SafeDIGTestbedModel", (0, 80), (300, 100))
@@ -134,8 +146,8 @@ def testbed(info: dict) -> dict:
                        {"dictionary_name": "testbed_dictionary.safetensors"})
     select = g.add("SafeDIGSelectFeatures", (0, 650), (300, 130), {"position": "single.0.img", "mode": "add", "latents": ""},
                    dictionary=(dictionary, 0))
-    steer = g.add("SafeDIGApplySteering", (340, 540), (380, 300),
-                  {"blend": 1.0, "repel": 1.0, "threshold": 0.25}, model=(model, 0), dictionary=(select, 0))
+    steer = g.add("SafeDIGApplySteering", (340, 540), (380, 300), shipped_operating_point(), model=(model, 0),
+                  dictionary=(select, 0))
     sampler = {"seed": 1000003, "steps": 20, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple"}
     plain = g.add("KSampler", (760, 80), (300, 262), sampler, title="KSampler (unsteered)", model=(model, 0),
                   positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))

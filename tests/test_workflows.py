@@ -282,3 +282,20 @@ def test_testbed_workflow_runs_and_steers_on_the_cpu(comfy_server, object_info):
     assert np.abs(pictures["Unsteered"] - pictures["Steered"]).mean() > 2.0, "steering changed nothing visible"
     (report,) = [out["text"] for nid, out in entry["outputs"].items() if (titles[nid] or "").startswith("Safety check")]
     assert "testbed" in report[0]
+
+
+def test_the_testbed_workflow_steers_at_the_shipped_dictionarys_operating_point(comfy, object_info):
+    """The testbed workflow's Apply Steering widgets are the operating point measured into the shipped
+    dictionary (`steering_defaults`, the demo's rule), read through the node's own widget parser."""
+    import sys
+
+    from safedig_core.formats.dictionary import load as load_dictionary
+    from safedig_core.testbed.dictionary import PATH
+
+    api = to_api(load(TESTBED), object_info)
+    (node,) = [n for n in api.values() if n["class_type"] == "SafeDIGApplySteering"]
+    widgets = {k: v for k, v in node["inputs"].items() if k not in ("model", "dictionary", "positions")}
+    parser = sys.modules[comfy.NODE_CLASS_MAPPINGS["SafeDIGApplySteering"].__module__].config
+    shipped = load_dictionary(PATH)
+    assert shipped.steering_defaults["gate"] == "image" and shipped.steering_defaults["threshold"] > 0
+    assert parser(**widgets) == shipped.default_config()

@@ -42,13 +42,13 @@ from . import report as report_mod
 from . import variants as variants_mod
 from .model import generate, load_testbed
 
-SIZES = {
-    "full": {"sets": {"build_safe": 64, "build_source_per_category": 32, "build_target_per_category": 8,
-                      "build_target_safe": 8, "eval_safe": 32, "eval_per_category": 8,
-                      "eval_target_per_category": 8},
-             "calibration": {"safe": 32, "source_per_concept": 4, "target_per_concept": 3},
-             "seeds": 3, "steps": 12, "train_steps": 800, "adapt_steps": 300, "batch": 1024, "budget": 24,
-             "grid": (2.0, 1.5, 1.25, 1.0, 0.75, 0.5), "dense_grid": (0.25, 0.5, 1.0), "strength_grid": (0.5, 2.0)},
+SIZES = {  # "full" is the default run: three seeds in about ten minutes on two cores
+    "full": {"sets": {"build_safe": 40, "build_source_per_category": 20, "build_target_per_category": 6,
+                      "build_target_safe": 6, "eval_safe": 32, "eval_per_category": 8,
+                      "eval_target_per_category": 6},
+             "calibration": {"safe": 24, "source_per_concept": 3, "target_per_concept": 2},
+             "seeds": 3, "steps": 10, "train_steps": 400, "adapt_steps": 150, "batch": 512, "budget": 16,
+             "grid": (2.0, 1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (0.5, 2.0)},
     "quick": {"sets": {"build_safe": 24, "build_source_per_category": 10, "build_target_per_category": 4,
                        "build_target_safe": 4, "eval_safe": 12, "eval_per_category": 4,
                        "eval_target_per_category": 4},
