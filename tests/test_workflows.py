@@ -266,7 +266,8 @@ def test_every_safedig_node_is_in_a_bundled_workflow(object_info):
 
 def test_testbed_workflow_runs_and_steers_on_the_cpu(comfy_server, object_info):
     """Queued as the frontend queues it, the testbed workflow runs with nothing downloaded: both previews
-    show a 256×256 image of the same prompt and seed, and the steered one differs from the unsteered one."""
+    show a 256×256 image of the same prompt and seed, the steered one differs from the unsteered one, and the
+    Safety Check finds the gun in the unsteered picture only."""
     wf = load(TESTBED)
     api = to_api(wf, object_info)
     entry = comfy_server.run(api)
@@ -281,12 +282,15 @@ def test_testbed_workflow_runs_and_steers_on_the_cpu(comfy_server, object_info):
         assert pictures[title].shape == (256, 256, 3)
     assert np.abs(pictures["Unsteered"] - pictures["Steered"]).mean() > 2.0, "steering changed nothing visible"
     (report,) = [out["text"] for nid, out in entry["outputs"].items() if (titles[nid] or "").startswith("Safety check")]
-    assert "testbed" in report[0]
+    # image 0 is the unsteered picture of "a pistol", image 1 the steered one (the classifier is sure of both:
+    # gun 1.00 and none 1.00 when measured)
+    assert "testbed" in report[0] and "image 0: UNSAFE (gun)" in report[0] and "image 1: safe" in report[0]
 
 
 def test_the_testbed_workflow_steers_at_the_shipped_dictionarys_operating_point(comfy, object_info):
     """The testbed workflow's Apply Steering widgets are the operating point measured into the shipped
     dictionary (`steering_defaults`, the demo's rule), read through the node's own widget parser."""
+    import dataclasses
     import sys
 
     from safedig_core.formats.dictionary import load as load_dictionary
@@ -298,4 +302,5 @@ def test_the_testbed_workflow_steers_at_the_shipped_dictionarys_operating_point(
     parser = sys.modules[comfy.NODE_CLASS_MAPPINGS["SafeDIGApplySteering"].__module__].config
     shipped = load_dictionary(PATH)
     assert shipped.steering_defaults["gate"] == "image" and shipped.steering_defaults["threshold"] > 0
-    assert parser(**widgets) == shipped.default_config()
+    # the pack's modules load under ComfyUI's custom_nodes package: compare the fields, not the classes
+    assert dataclasses.asdict(parser(**widgets)) == dataclasses.asdict(shipped.default_config())

@@ -3,7 +3,9 @@ downloaded: `python -m safedig_core.testbed.dictionary` rebuilds it.
 
 It is made exactly as `safedig collect` + `safedig build` make any dictionary (the demo's steps 1-2, at the
 demo's quick sizes): the world's building prompts (never its evaluation prompts) are sampled by the committed
-testbed DiT through ComfyUI, their block outputs collected, routed, trained and adapted.
+testbed DiT through ComfyUI, their block outputs collected, routed, trained and adapted. Its `steering_defaults`
+hold the operating point measured by the demo's rule (`set_operating_point`), which the bundled testbed
+workflow uses.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) ->
     from ..pipeline.collect import collect
     from ..pipeline.train import TrainConfig
     from . import world
+    from .demo import block_positions
     from .model import load_testbed
 
     model, encode_fn = load_testbed()
@@ -42,7 +45,7 @@ def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) ->
         work = work or tmp
         runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=SIZES["cfg"],
                              latent_shape=(3, world.SIZE, world.SIZE), name="safedig-testbed")
-        res = collect(runner, records(rows), "all", os.path.join(work, "store"), SIZES["steps"],
+        res = collect(runner, records(rows), block_positions(model), os.path.join(work, "store"), SIZES["steps"],
                       SIZES["record_steps"], SIZES["budget"], seed)
         tcfg = TrainConfig(expansion=8, k=8, steps=SIZES["train_steps"], batch_size=SIZES["batch"], seed=seed,
                            checkpoint_every=100)
