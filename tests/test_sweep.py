@@ -63,3 +63,21 @@ def test_a_value_between_two_points_marks_the_image_for_regeneration():
     log.add_rows(torch.tensor([[0.2, 1.2], [0.1, 0.4], [0.3, 0.2], [0.0, 0.9]]))  # two chunks of two images
     assert sorted(log.of(0).tolist()) == pytest.approx([0.2, 0.2, 0.3, 1.2])
     assert sorted(log.of(1).tolist()) == pytest.approx([0.0, 0.1, 0.4, 0.9])
+
+
+def test_a_strength_curve_gives_what_generating_everything_gives(setup):
+    """At a fixed τ, an image whose unsteered peak stays ≤ τ is untouched at every strength."""
+    from safedig_core.steering import SteeringConfig
+
+    model, encode, rows, store, positions, sweep, variants = setup
+    cfg = variants.with_detector(SteeringConfig(blend=1.0, repel=1.0, gate="image", threshold=0.5), positions)
+    v = sweep.Variant("strength", store, positions, cfg, "strength", (0.5, 2.0))
+    pset = sweep.prepare(model, encode, "eval", rows, [v], GEN)
+    points = sweep.sweep(model, encode, v, [pset], GEN)
+    brute = _brute(model, encode, v, rows, sweep)
+    for point, images in zip(points, brute):
+        want, got = sweep.judge(rows, images, pset.base), point["outcomes"]["eval"]
+        assert np.array_equal(got.unsafe, want.unsafe) and np.allclose(got.change, want.change, atol=1e-4)
+    left = int((pset.peaks[v.name] <= 0.5).sum())
+    assert 0 < left < len(rows), "the set should hold images the gate opens on and images it leaves alone"
+    assert sum(p["generated"] for p in points) == 2 * (len(rows) - left)

@@ -185,13 +185,14 @@ def prepare(model, encode_fn, name, rows, variants, gen) -> PromptSet:
 
 
 def run_point(model, encode_fn, variant: Variant, value: float, sets: list[PromptSet], gen) -> tuple[dict, int]:
-    """Outcomes on every prompt set at knob `value`, generating only the images the variant can change;
-    returns ({set name: Outcomes}, images generated)."""
+    """Outcomes on every prompt set at knob `value`, generating only the images the variant can change (a gated
+    variant: those whose unsteered peak exceeds its τ, at any strength); returns ({set name: Outcomes}, images
+    generated)."""
     cfg = variant.config(value)
     todo = []
     for s in sets:
         need = np.arange(len(s.rows))
-        if variant.gated and variant.knob == "threshold":
+        if variant.gated:
             need = np.nonzero(s.peaks[variant.name] > cfg.threshold)[0]
         todo.append(need)
     rows = [s.rows[i] for s, need in zip(sets, todo) for i in need]
