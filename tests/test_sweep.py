@@ -1,4 +1,4 @@
-"""The demo's threshold sweep reuses images between points (testbed/sweep.GateLog); it must give what
+"""The demo's threshold sweep reuses images between points (testbed/gate_log.GateLog); it must give what
 generating every image at every τ gives, through the real ComfyUI sampler and the shipped testbed DiT."""
 import numpy as np
 import pytest
@@ -56,9 +56,9 @@ def test_the_sweep_gives_what_generating_everything_gives(setup, gate):
 
 
 def test_a_value_between_two_points_marks_the_image_for_regeneration():
-    from safedig_core.testbed import sweep
+    from safedig_core.testbed import gate_log
 
-    log = sweep.GateLog()
+    log = gate_log.GateLog()
     log.offset, log.images = 0, 2
     log.add_rows(torch.tensor([[0.2, 1.2], [0.1, 0.4], [0.3, 0.2], [0.0, 0.9]]))  # two chunks of two images
     assert sorted(log.of(0).tolist()) == pytest.approx([0.2, 0.2, 0.3, 1.2])

@@ -9,7 +9,7 @@ Cheap by construction:
   activation of it bit for bit as it was, so that image *is* the unsteered one: at each τ only the images
   whose peak exceeds τ are generated again (exact, not an approximation);
 - along the τ grid an image is generated again only when a value its last trajectory compared with τ lies
-  between that trajectory's τ and the new one (`GateLog`): every decision is otherwise the same, so is the
+  between that trajectory's τ and the new one (`gate_log.GateLog`): every decision is otherwise the same, so is the
   image (images the gate flags at every call of every point are made once per variant);
 - each point is one batched generation over the images left.
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..adapters.comfy import runtime as comfyui
 from ..schedule import image_max
 from ..steering import SteeringConfig
 from .classifier import predict
+from .gate_log import generate_logged
 from .model import generate
 
 DOMAINS = ("source", "target")
@@ -211,78 +211,8 @@ def run_point(model, encode_fn, variant: Variant, value: float, sets: list[Promp
     return out, len(rows)
 
 
-class GateLog:
-    """Every value of a gated variant's statistic that a generation compares with τ, per image (τ units).
-
-    A trajectory made at τ₁ is the one τ₂ makes, bit for bit, when none of its logged values lies between
-    τ₁ and τ₂: every decision (image flagged, token steered) is then the same at every model call, and what
-    a flagged image or a steered token becomes does not depend on τ. Logging more values than the gate
-    compares (the per-token gate: every row's tokens, uncond rows too) can only mark more images for
-    regeneration, never fewer."""
-
-    def __init__(self):
-        self.offset, self.images = 0, 1
-        self.values: dict[int, list] = {}
-
-    def add(self, per_image: Tensor) -> None:
-        """`per_image` [images, m] (or [images]) for the images of the current generation batch."""
-        per_image = per_image.detach().float().reshape(per_image.shape[0], -1)
-        for b in range(per_image.shape[0]):
-            self.values.setdefault(self.offset + b, []).append(per_image[b].cpu())
-
-    def add_rows(self, per_row: Tensor) -> None:
-        """Values of every row of a model call's batch [B, m]; rows are chunks of the same images."""
-        per_row = per_row.reshape(per_row.shape[0], -1)
-        n = self.images if per_row.shape[0] % self.images == 0 else per_row.shape[0]
-        self.add(per_row.reshape(-1, n, per_row.shape[1]).transpose(0, 1).reshape(n, -1))
-
-    def of(self, i: int) -> Tensor:
-        found = self.values.get(i)
-        return torch.cat(found) if found else torch.zeros(0)
-
-
-class _Logged:
-    """A steerer that writes its gate statistic into a `GateLog` before steering exactly as the one it wraps."""
-
-    def __init__(self, inner, log: GateLog):
-        self.inner, self.log = inner, log
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def to(self, device=None, dtype=None):
-        self.inner.to(device=device, dtype=dtype)
-        return self
-
-    def flag_images(self, x, cfg, cond_or_uncond=None):
-        if len(self.inner.harmful):
-            self.log.add(image_max(self.inner.image_mass(x), cond_or_uncond) / self.inner.image_gate_scale)
-        return self.inner.flag_images(x, cfg, cond_or_uncond)
-
-    def steer(self, x, cfg, rows=None, flagged=None):
-        if len(self.inner.harmful) and x.numel() and not cfg.is_identity:
-            if not cfg.image_gate:
-                mass = self.inner.harmful_mass(x).float() / self.inner.gate_scale
-                self.log.add_rows(mass.reshape(x.shape[0], -1) if x.dim() == 3 else mass.reshape(1, -1))
-            elif flagged is None:  # the steerer decides for itself, each row an image
-                self.log.add_rows(self.inner.image_mass(x)[:, None] / self.inner.image_gate_scale)
-        return self.inner.steer(x, cfg, rows, flagged)
-
-
-def _generate_logged(model, encode_fn, variant: Variant, cfg, rows, gen, batch: int = 64):
-    """Images of `rows` steered at `cfg`, and each image's logged gate values."""
-    log = GateLog()
-    store = type(variant.store)({p: _Logged(st, log) for p, st in variant.store.steerers.items()})
-    m = comfyui.steer_model(model, store, variant.positions, cfg)
-    prompts, seeds, outs = [r["prompt"] for r in rows], [r["seed"] for r in rows], []
-    for i in range(0, len(rows), batch):
-        log.offset, log.images = i, len(prompts[i:i + batch])
-        outs.append(generate(m, encode_fn, prompts[i:i + batch], seeds[i:i + batch], batch=batch, **gen))
-    return torch.cat(outs), [log.of(i) for i in range(len(rows))]
-
-
 def _threshold_sweep(model, encode_fn, variant: Variant, sets: list[PromptSet], gen, log=None) -> list[dict]:
-    """A gated variant over τ, reusing each image while its trajectory provably stays the same (`GateLog`)."""
+    """A gated variant over τ, reusing each image while its trajectory provably stays the same (`gate_log`)."""
     state = []
     for s in sets:  # the unsteered trajectory: its peak is the only value that matters against any τ
         state.append({"images": s.base.clone(), "made_at": [np.inf] * len(s.rows),
@@ -299,7 +229,7 @@ def _threshold_sweep(model, encode_fn, variant: Variant, sets: list[PromptSet], 
             todo.append(need)
         rows = [s.rows[i] for s, need in zip(sets, todo) for i in need]
         if rows:
-            imgs, vals = _generate_logged(model, encode_fn, variant, variant.config(tau), rows, gen)
+            imgs, vals = generate_logged(model, encode_fn, variant.store, variant.positions, variant.config(tau), rows, gen)
         k, outs = 0, {}
         for s, st, need in zip(sets, state, todo):
             for i in need:
