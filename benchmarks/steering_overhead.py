@@ -119,12 +119,18 @@ def harmful_input(img: torch.Tensor, D_H: torch.Tensor, frac: float, g: torch.Ge
     return out
 
 
+SYNC = lambda: None  # noqa: E731 -- torch.cuda.synchronize when timing on a GPU
+
+
 def segments(*steps) -> list[tuple[float, float]]:
-    """Run `steps` as a chain (each gets the previous one's result); each one's (wall, process CPU) seconds."""
+    """Run `steps` as a chain (each gets the previous one's result); each one's (wall, process CPU) seconds
+    (on a GPU the device is synchronised around each step, so wall time is the kernels' time)."""
     out, times = None, []
     for step in steps:
+        SYNC()
         w, c = time.perf_counter(), time.process_time()
         out = step(out)
+        SYNC()
         times.append((time.perf_counter() - w, time.process_time() - c))
     return times
 
@@ -151,8 +157,15 @@ def main(argv=None):
     ap.add_argument("--gate-only", action="store_true", help="only the exact vs fast gate comparison")
     ap.add_argument("--probes", type=int, default=None, help="the fast gate's probe latents (default: its own)")
     ap.add_argument("--testbed-prompts", type=int, default=16, help="testbed prompts recorded (0: skip the testbed)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the testbed part always runs on the CPU)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the block's, the activations' and the steering working copy's dtype")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
+    global SYNC
+    dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    if dev.type == "cuda":
+        SYNC = torch.cuda.synchronize
     hidden, heads = 3072, 24
     if a.quick:
         hidden, heads, a.tokens, a.latents, a.k, a.harmful, a.repeats = 256, 2, 64, 2048, 16, 8, 3
@@ -164,16 +177,19 @@ def main(argv=None):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     txt_tokens = max(a.tokens // 4, 1)
-    block = build_block(hidden, heads)
-    pe = rope(a.tokens, txt_tokens)
+    block = build_block(hidden, heads).to(dev, dtype)
+    pe = rope(a.tokens, txt_tokens).to(dev)
     img0 = torch.randn(1, a.tokens, hidden, generator=g)
-    txt = torch.randn(1, txt_tokens, hidden, generator=g)
-    vec = torch.randn(1, hidden, generator=g)
+    txt = torch.randn(1, txt_tokens, hidden, generator=g).to(dev, dtype)
+    vec = torch.randn(1, hidden, generator=g).to(dev, dtype)
     sae = SparseAutoencoder.init_random(hidden, a.latents, k=a.k, generator=g)
     harmful = torch.randperm(a.latents, generator=g)[: a.harmful]
-    steerer = PositionSteerer(sae, harmful).to("cpu", torch.float32)
+    steerer = PositionSteerer(sae, harmful).to(dev, dtype)
     D_H = sae.W_dec[harmful].detach()
-    inputs = {"10%": harmful_input(img0, D_H, 0.10, g), "100%": harmful_input(img0, D_H, 1.0, g)}
+    inputs = {"10%": harmful_input(img0, D_H, 0.10, g).to(dev, dtype),
+              "100%": harmful_input(img0, D_H, 1.0, g).to(dev, dtype)}
+    img0 = img0.to(dev, dtype)
+    work = steerer._derived(dev, dtype)[0]  # the encoder copy steering uses on this device and dtype
     tau = 4.0  # above the natural top-k values of random tokens, below the written-in directions
     configs = {f"gate {gate}, {label}": (gate, SteeringConfig(threshold=tau, **kw))
                for gate in inputs for label, kw in [("Repel", {"repel": 1.0}),
@@ -193,7 +209,7 @@ def main(argv=None):
                           indent=2)
         return 0 if gate["agree"] else 1
 
-    W_enc, x_enc = sae.W_enc.detach(), torch.randn(a.tokens, hidden, generator=g)
+    W_enc, x_enc = work.W_enc.detach(), torch.randn(a.tokens, hidden, generator=g).to(dev, dtype)
     floor = lambda _: x_enc @ W_enc.T
     with torch.inference_mode():  # the block runs and the traced steering calls below double as the warm-up
         gate_frac, rest, sparse_ok, trace_lines = {}, {}, True, []
@@ -201,7 +217,7 @@ def main(argv=None):
         outs = {gate: run_block(img) for gate, img in inputs.items()}
         for name, (gate, cfg) in configs.items():
             gate_frac[name] = float((steerer.harmful_mass(outs[gate]) > tau).float().mean())
-            with OpTrace(sae.W_enc, sae.W_dec, a.latents) as trace:
+            with OpTrace(work.W_enc, sae.W_dec, a.latents) as trace:
                 steered = steerer.steer(outs[gate], cfg)
             changed = float((steered != outs[gate]).any(-1).float().mean())
             sparse_ok &= not trace.bad and trace.encoder >= 1
@@ -221,7 +237,8 @@ def main(argv=None):
 
     base = med["unsteered"][0] * 1e3
     floor_ms = statistics.median(r[2] for name in configs for r in runs[name]) * 1e3
-    print(f"SafeDIG steering overhead on CPU ({torch.get_num_threads()} threads): DoubleStreamBlock hidden {hidden}, "
+    where = f"CPU ({torch.get_num_threads()} threads)" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    print(f"SafeDIG steering overhead on {where}, {a.dtype}: DoubleStreamBlock hidden {hidden}, "
           f"{heads} heads, {a.tokens} img + {txt_tokens} txt tokens; SAE {a.latents} latents, k={a.k}, "
           f"{a.harmful} harmful; medians of {a.repeats} runs after a warm-up")
     print("overhead = steered − unsteered, taken within each run as the steering part's own time; floor = x @ W_enc.T "
@@ -248,7 +265,7 @@ def main(argv=None):
         gate = compare_gates(steerer, {"safe": img0, **inputs}, run_block, tau, a.repeats, a.testbed_prompts)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "hidden": hidden, "threads": torch.get_num_threads(),
+            json.dump({"args": vars(a), "hidden": hidden, "threads": torch.get_num_threads(), "device": where,
                        "unsteered_ms": base, "floor_ms": floor_ms, "configs": rows, "sparse_decode": sparse_ok,
                        "gate": gate}, f, indent=2)
     return 0 if sparse_ok and gate["agree"] else 1
@@ -270,7 +287,7 @@ def fast_decision(steerer: PositionSteerer, x: torch.Tensor, floor: float) -> tu
         return steerer.harmful_codes(sae, ys, lookup)
 
     token, _ = fast_gate.gated_codes(sae, steerer.harmful, xs, floor, codes)
-    out = torch.zeros(xs.shape[0], dtype=torch.bool)
+    out = torch.zeros(xs.shape[0], dtype=torch.bool, device=xs.device)
     out[token] = True
     return out, through[0]
 
@@ -298,7 +315,8 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
         fns[f"fast {name}"] = lambda x=x: segments(lambda _: fast_decision(steerer, x, floor))[0]
     med, _ = medians(fns, repeats)
     block_ms = med["block"][0] * 1e3
-    sc = fast_gate.screen(steerer._derived(torch.device("cpu"), torch.float32)[0], steerer.harmful)
+    x0 = next(iter(outs.values()))
+    sc = fast_gate.screen(steerer._derived(x0.device, x0.dtype)[0], steerer.harmful)
     print(f"\ngate cost: exact (full TopK encode of every token) vs fast (screen on {sc.h} harmful + "
           f"{sc.W.shape[0] - sc.h} probe rows, full encode where the gate may pass), τ={tau} × unit "
           f"{steerer.gate_scale:g}; share = gate time / unsteered block ({block_ms:.1f} ms), median of {repeats}; "
