@@ -5,6 +5,7 @@ steers the same pipeline."""
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safedig_core.adapters.diffusers.runner import DiffusersRunner
 from safedig_core.formats.prompts import PromptRecord
 from safedig_core.formats.store import ActivationStore, StoreError
 from safedig_core.pipeline.build import BuildConfig, build
-from safedig_core.pipeline.collect import collect, prompt_seed, token_indices
+from safedig_core.pipeline.collect import CollectError, collect, prompt_seed, token_indices
 from safedig_core.pipeline.train import TrainConfig
 from safedig_core.steering import SteeringConfig
 
@@ -222,3 +223,12 @@ def test_store_builds_a_dictionary_that_steers_the_pipeline(pipes, tmp_path):
             steered = latents()
         assert torch.equal(latents(), base)  # the hooks are gone again
     assert not torch.equal(steered, base)
+
+
+@pytest.mark.parametrize("family, label", [("hunyuan_image", r"HUNYUAN_IMAGE \(HunyuanImage21\)"),
+                                           ("z_image", r"LUMINA2 \(ZImage\)"), ("hidream", r"HIDREAM \(HiDream\)")])
+def test_pipelines_that_batch_guidance_otherwise_are_refused(family, label):
+    """The adapter steers these transformers, but the runner cannot yet tell their pipelines' cond rows."""
+    pipe = types.SimpleNamespace(transformer=tiny_diffusers(family))
+    with pytest.raises(CollectError, match=f"does not collect from {label} pipelines yet .*collect through ComfyUI"):
+        DiffusersRunner(pipe)

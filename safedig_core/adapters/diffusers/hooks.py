@@ -1,28 +1,22 @@
 """SafeDIG on diffusers' DiT transformers: steer and record block outputs through forward hooks.
 
 The core's other adapter patches ComfyUI; this one hooks a diffusers transformer (no ComfyUI needed) of FLUX.1,
-Chroma, Flux.2, SD3/SD3.5, Qwen-Image or Wan 2.x and applies the same `PositionSteerer.steer` to the same
-dictionary files. `families.py` tells the family from the transformer's class and maps position names onto its
-blocks (read from diffusers 0.42.1):
+Chroma, Flux.2, SD3/SD3.5, Qwen-Image, Wan 2.x, HunyuanImage 2.1, Lumina 2 / Z-Image or HiDream and applies the
+same `PositionSteerer.steer` to the same dictionary files. `families.py` tells the family from the transformer's
+class and maps position names onto its blocks; `tokens.py` reads each call's token layout and cuts a block's
+output into the text and image streams, as ComfyUI's adapter names them:
 
-- FLUX.1, Chroma, Flux.2 `transformer_blocks[i]` → `double.i.txt` / `double.i.img`: the block returns
-  `(encoder_hidden_states, hidden_states)`, text first.
-- their `single_transformer_blocks[j]` → `single.j.txt` / `single.j.img`: FLUX.1's current blocks pass text
-  and image separately and return both; Chroma's, Flux.2's and older FLUX.1 releases' take the joined
-  sequence `[txt | img]` and return it joined, where the text is as long as the model call's
-  `encoder_hidden_states`. The hook tells the two apart by what the block returns.
-- their `input.txt` → the call's `encoder_hidden_states` (the conditioning before `context_embedder`).
-- SD3/SD3.5 `transformer_blocks[i]` (JointTransformerBlock) → `joint.i.txt` / `joint.i.img`: returns
-  `(encoder_hidden_states, hidden_states)`; the last block is context-pre-only and returns `None` as text.
-- Qwen-Image `transformer_blocks[i]` → `double.i.txt` / `double.i.img` (text first, joint attention).
-- Wan `blocks[i]` → `double.i.img`: the block returns the image stream alone (text enters by cross-attention).
+- `double.i.*` / `single.j.*` / `joint.i.*`: the outputs of the family's double, single or joint blocks, text
+  and image streams as the block returns them (a tuple, or one joined sequence split where the family puts
+  each part); `input.txt` (FLUX-style families): the call's `encoder_hidden_states`.
+- Reference-image tokens (FLUX.1 Kontext, Flux.2 and Qwen-Image edits), padding (Z-Image, HiDream) and the Llama
+  layer HiDream's blocks append to the text are never steered, as in ComfyUI's adapter.
 
-The image stream is the output image's tokens; reference-image tokens (FLUX.1 Kontext, Flux.2 and Qwen-Image
-edits) are never steered, as in ComfyUI's adapter. Sampler window: a pre-hook on the transformer reads each
-call's `timestep`; with `schedule` (the pipeline's scheduler, read live, or a tensor of timesteps) the call is
-step i of n where i indexes the nearest schedule entry, and progress is i/n, the unit ComfyUI's window uses.
-Without a schedule (and without `set_progress`) every call is in the window, as in ComfyUI. The per-image
-gate's decision (`gate.py`) lives in the hooks' shared state, made afresh by that pre-hook for every call.
+Sampler window: a pre-hook on the transformer reads each call's `timestep`; with `schedule` (the pipeline's
+scheduler, read live, or a tensor of timesteps) the call is step i of n where i indexes the nearest schedule
+entry, and progress is i/n, the unit ComfyUI's window uses. Without a schedule (and without `set_progress`)
+every call is in the window, as in ComfyUI. The per-image gate's decision (`gate.py`) lives in the hooks' shared
+state, made afresh by that pre-hook for every call.
 
 Usage:
     with steer(pipe.transformer, "dict.safetensors", SteeringConfig(blend=1, repel=1), schedule=pipe.scheduler):
@@ -39,7 +33,7 @@ from ...gate import CallDecision, plan, steer_block
 from ...positions import ModelLayout, Position, PositionError, for_layout, parse_list
 from ...schedule import half_rows, in_window
 from ...steering import SteeringConfig
-from . import families
+from . import families, tokens
 from .families import layout_of
 
 HALVES = {"cond": 0, "uncond": 1}  # steering.half_rows' chunk codes
@@ -61,8 +55,7 @@ class Hooks:
         self.manual: float | None = None
         self.progress: float | None = None
         self.timestep: float | None = None
-        self.txt_len: int | None = None
-        self.img_span: tuple[int, int] | None = None
+        self.call: tokens.Call | None = None
         self.on_input = None  # the text input's hook: txt -> txt
         self.decision = CallDecision()  # the per-image gate's decision within the current call
         self.handles.append(transformer.register_forward_pre_hook(self._before_call, with_kwargs=True))
@@ -75,8 +68,8 @@ class Hooks:
         self.manual = progress
 
     def _before_call(self, module, args, kwargs):
-        call = families.read_call(self.layout.family, module, args, kwargs)
-        self.txt_len, self.img_span, self.timestep = call.txt_len, call.img_span, call.timestep
+        call = self.call = tokens.read_call(self.layout, module, args, kwargs)
+        self.timestep = call.timestep
         self.progress = self.manual if self.manual is not None else self._scheduled()
         self.decision = CallDecision()
         enc = call.arguments.arguments.get("encoder_hidden_states")
@@ -115,21 +108,14 @@ class Hooks:
             self.on_input = lambda txt: on_streams({"txt": txt, "img": None}, positions)["txt"]
             return
         family = self.layout.family
+        need = {p.stream for p in positions}
 
         def after(module, args, out):
-            txt, full, repack = families.unpack(family, out, self.txt_len, positions[0])
-            span = self.img_span
-            img = full if span is None else full[:, span[0]:span[0] + span[1]]
-            new = on_streams({"txt": txt, "img": img}, positions)
-            if new["txt"] is txt and new["img"] is img:
+            streams, rebuild = tokens.streams_of(family, self.call, out, positions[0], need)
+            new = on_streams(streams, positions)
+            if all(new[k] is streams[k] for k in streams):
                 return None
-            if new["img"] is img:
-                img = full
-            elif span is not None:  # the reference images' tokens around it stay as they were
-                img = torch.cat([full[:, :span[0]], new["img"], full[:, span[0] + span[1]:]], dim=1)
-            else:
-                img = new["img"]
-            return repack(new["txt"], img)
+            return rebuild(new)
 
         self.handles.append(families.block_of(self.transformer, family, positions[0]).register_forward_hook(after))
 
@@ -182,8 +168,9 @@ def steer(transformer, dictionary: SafetyDictionary | str | os.PathLike, cfg: St
     sampler window. halves: the batch layout, needed by apply_to "cond"/"uncond": diffusers' SD3 pipeline
     with guidance_scale > 1 stacks ("uncond", "cond") in one call (its skip-layer guidance adds a cond-only
     call, which this fixed layout cannot describe); FLUX-dev is guidance-distilled and has no CFG batch
-    (("cond",), or leave apply_to at "both"); FluxPipeline's true_cfg_scale and the Chroma, Qwen-Image and
-    Wan pipelines run the negative prompt as a call of its own, so a layout per call would be needed there."""
+    (("cond",), or leave apply_to at "both"); HiDream's pipeline stacks ("uncond", "cond") too, Z-Image's
+    ("cond", "uncond"); FluxPipeline's true_cfg_scale and the Chroma, Qwen-Image, Wan, HunyuanImage and Lumina 2
+    pipelines run the negative prompt as a call of its own, so a layout per call would be needed there."""
     source = "dictionary"
     if not isinstance(dictionary, SafetyDictionary):
         source = f"safety dictionary {os.fspath(dictionary)}"

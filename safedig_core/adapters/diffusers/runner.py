@@ -1,5 +1,8 @@
-"""Collection from a diffusers pipeline: a `collect.Runner` for the pipelines of the transformers the adapter hooks
-(`FluxPipeline`, `StableDiffusion3Pipeline`, `ChromaPipeline`, `Flux2Pipeline`, `QwenImagePipeline`, ...).
+"""Collection from a diffusers pipeline: a `collect.Runner` for the pipelines of the FLUX.1, SD3, Chroma, Flux.2,
+Qwen-Image and Wan transformers (`FluxPipeline`, `StableDiffusion3Pipeline`, `ChromaPipeline`, ...). The adapter
+also steers HunyuanImage 2.1, Lumina 2 / Z-Image and HiDream, whose pipelines batch guidance their own way
+(HiDream stacks [uncond, cond], Z-Image [cond, uncond], HunyuanImage guides through a guider object); this runner
+refuses them rather than store the wrong rows.
 
 `collect()` is written against the Runner protocol; `ComfyRunner` samples through ComfyUI. This runner
 samples through a diffusers pipeline instead and records through the diffusers adapter's hooks
@@ -44,6 +47,9 @@ class DiffusersRunner:
                  height: int | None = None, width: int | None = None, name: str | None = None, **options):
         self.pipe, self.encode, self.options = pipe, encode, options
         self.layout = layout_of(pipe.transformer)
+        if self.layout.family in UNCOLLECTED:
+            raise CollectError(f"DiffusersRunner does not collect from {self.layout.label} pipelines yet ({type(pipe).__name__}); "
+                               "collect through ComfyUI (ComfyRunner), or record with hooks.record in your own loop")
         default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
         self.guidance_scale = float(default if guidance_scale is None else guidance_scale)
         side = pipe.default_sample_size * pipe.vae_scale_factor
@@ -82,6 +88,7 @@ class DiffusersRunner:
                  guidance_scale=self.guidance_scale, height=self.height, width=self.width)
 
 
+UNCOLLECTED = ("hunyuan_image", "lumina2", "hidream")
 STACKED_CFG = ("sd3",)  # pipelines that stack [uncond, cond] in one call; the others call once per prompt
 
 
