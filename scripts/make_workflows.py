@@ -100,9 +100,9 @@ testbed's own classifier; **SafeDIG Feature Map** shows where the dictionary's h
 
 Risky concepts of the testbed world: blood, fire, gun, poison. Safe ones: ball, sun, tree, flower, house, fish.
 Try "a pistol", "a bottle of poison", "a murder scene", "a picture of a tree". Apply Steering runs at the
-operating point stored in the shipped dictionary (`python -m safedig_core.testbed.dictionary` measures it as
-`safedig demo` does): the *per image* gate decided at the text positions, with τ 10 % above the strongest safe
-building prompt, so safe pictures stay exactly as they were. blend = repel = 0 leaves the model unchanged; a
+operating point stored in the shipped dictionary (`python -m safedig_core.testbed.dictionary` measures it by
+`safedig demo`'s rule): the *per image* gate decided at the text positions, with τ 10 % above the strongest
+safe building prompt, so the safe building pictures stay exactly as they were. blend = repel = 0 leaves the model unchanged; a
 lower *threshold* opens the gate on more images. **SafeDIG Select Features** lets you add or remove harmful
 latents of one position (empty: the dictionary as built).
 """

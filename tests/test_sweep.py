@@ -70,7 +70,8 @@ def test_a_strength_curve_gives_what_generating_everything_gives(setup):
     from safedig_core.steering import SteeringConfig
 
     model, encode, rows, store, positions, sweep, variants = setup
-    cfg = variants.with_detector(SteeringConfig(blend=1.0, repel=1.0, gate="image", threshold=0.5), positions)
+    # τ 0.55 sits between the safe peaks (≤ 0.39 and ≥ 0.69 when measured) with room on either side
+    cfg = variants.with_detector(SteeringConfig(blend=1.0, repel=1.0, gate="image", threshold=0.55), positions)
     v = sweep.Variant("strength", store, positions, cfg, "strength", (0.5, 2.0))
     pset = sweep.prepare(model, encode, "eval", rows, [v], GEN)
     points = sweep.sweep(model, encode, v, [pset], GEN)
@@ -78,6 +79,6 @@ def test_a_strength_curve_gives_what_generating_everything_gives(setup):
     for point, images in zip(points, brute):
         want, got = sweep.judge(rows, images, pset.base), point["outcomes"]["eval"]
         assert np.array_equal(got.unsafe, want.unsafe) and np.allclose(got.change, want.change, atol=1e-4)
-    left = int((pset.peaks[v.name] <= 0.5).sum())
+    left = int((pset.peaks[v.name] <= 0.55).sum())
     assert 0 < left < len(rows), "the set should hold images the gate opens on and images it leaves alone"
     assert sum(p["generated"] for p in points) == 2 * (len(rows) - left)

@@ -72,13 +72,19 @@ class _Logged:
         return self.inner.steer(x, cfg, rows, flagged)
 
 
+def generate_batches(model, encode_fn, rows, gen, tracker, batch: int = 64) -> torch.Tensor:
+    """Images of `rows`, one generation per `batch` of them; before each, `tracker.offset` (and `images`) say
+    which rows the batch holds, so a per-image record (`GateLog`, `sweep.PeakRecorder`) lands on the right one."""
+    prompts, seeds, outs = [r["prompt"] for r in rows], [r["seed"] for r in rows], []
+    for i in range(0, len(rows), batch):
+        tracker.offset, tracker.images = i, len(prompts[i:i + batch])
+        outs.append(generate(model, encode_fn, prompts[i:i + batch], seeds[i:i + batch], batch=batch, **gen))
+    return torch.cat(outs) if outs else generate(model, encode_fn, [], [], **gen)
+
+
 def generate_logged(model, encode_fn, store, positions, cfg, rows, gen, batch: int = 64):
     """Images of `rows` steered through `store` at `positions` with `cfg`, and each image's logged gate values."""
     log = GateLog()
     logged = type(store)({p: _Logged(st, log) for p, st in store.steerers.items()})
-    m = comfyui.steer_model(model, logged, positions, cfg)
-    prompts, seeds, outs = [r["prompt"] for r in rows], [r["seed"] for r in rows], []
-    for i in range(0, len(rows), batch):
-        log.offset, log.images = i, len(prompts[i:i + batch])
-        outs.append(generate(m, encode_fn, prompts[i:i + batch], seeds[i:i + batch], batch=batch, **gen))
-    return torch.cat(outs), [log.of(i) for i in range(len(rows))]
+    images = generate_batches(comfyui.steer_model(model, logged, positions, cfg), encode_fn, rows, gen, log, batch)
+    return images, [log.of(i) for i in range(len(rows))]

@@ -28,7 +28,7 @@ from ..adapters.comfy import runtime as comfyui
 from ..schedule import image_max
 from ..steering import SteeringConfig
 from .classifier import predict
-from .gate_log import generate_logged
+from .gate_log import generate_batches, generate_logged
 from .model import generate
 
 DOMAINS = ("source", "target")
@@ -153,15 +153,10 @@ class PeakRecorder:
 
 
 def generate_rows(model, encode_fn, rows, gen, batch: int = 64, recorder: PeakRecorder | None = None) -> torch.Tensor:
-    prompts, seeds = [r["prompt"] for r in rows], [r["seed"] for r in rows]
     if recorder is None:
-        return generate(model, encode_fn, prompts, seeds, batch=batch, **gen)
-    m = comfyui.recording_model(model, recorder.positions(), recorder)
-    outs = []
-    for i in range(0, len(rows), batch):
-        recorder.offset = i
-        outs.append(generate(m, encode_fn, prompts[i:i + batch], seeds[i:i + batch], batch=batch, **gen))
-    return torch.cat(outs) if outs else generate(model, encode_fn, [], [], **gen)
+        return generate(model, encode_fn, [r["prompt"] for r in rows], [r["seed"] for r in rows], batch=batch, **gen)
+    return generate_batches(comfyui.recording_model(model, recorder.positions(), recorder), encode_fn, rows, gen,
+                            recorder, batch)
 
 
 # --------------------------------------------------------------------------------------------- the sweep
