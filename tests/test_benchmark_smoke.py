@@ -1,5 +1,5 @@
-"""benchmarks/steering_overhead.py still runs: its --quick mode, as a subprocess, prints a ratio line for each
-configuration and finds the decode sparse."""
+"""The benchmarks still run: their --quick modes, as subprocesses (steering_overhead.py prints a ratio line for
+each configuration and finds the decode sparse; sae_training.py and train_step.py print their ratios)."""
 from __future__ import annotations
 
 import json
@@ -67,3 +67,14 @@ def test_sae_training_benchmark_quick(tmp_path):
     result = json.loads(out.read_text())
     assert result["tokens"] == 256 * 20 and all(v > 0 for v in result["tokens_per_s"].values())
     assert all(0 < v < float("inf") for v in result["heldout_fvu"].values())
+
+
+def test_train_step_benchmark_quick(tmp_path):
+    """benchmarks/train_step.py times both backward passes of train_sae and prints their ratio."""
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--quick",
+                          "--json", str(out)], check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"^sparse / dense +\d+\.\d\d$", run.stdout, re.MULTILINE), run.stdout
+    result = json.loads(out.read_text())
+    assert result["dense_s"] > 0 and result["sparse_s"] > 0 and result["dead_frac"] > 0, result

@@ -21,6 +21,11 @@ rows that the data do not constrain.
 
 Reported: target and source FVU before and after (source retention = after / before), and the cosine
 drift `1 − cos(w_j, w_j_src)` of the harmful decoder rows (mean, max) and of all rows (mean).
+
+A `team` of several ranks (distributed.py) adapts one decoder data-parallel, as training does: each member
+takes its share of every target and source batch, the FVU terms are normalised by the whole batch, the anchor
+term is counted once (by the leader), and gradients and the FVU values that drive μ are summed over the team,
+so every member takes the same steps; only the leader measures the before/after metrics.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from ..sae import SparseAutoencoder
 from . import harmful as harmful_mod
 from .data import Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
 from .decoder import decode_scaled, normalize_decoder, remove_parallel_grad
-from .distributed import SINGLE, Ranks
+from .distributed import SINGLE, SOLO, Ranks, Team
 from .metrics import sae_quality
 from .progress import tqdm_progress
 
@@ -139,10 +144,11 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
                   harmful: list[int] | None = None, position: Any = None, target_prompts: Any = None,
                   source_prompts: Any = None, device: Any = None, log: str | None = None,
                   progress: Callable[[int, int, dict | None], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> AdaptResult:
+                  should_stop: Callable[[], bool] | None = None, team: Team = SOLO) -> AdaptResult:
     """Fit a copy of `sae`'s decoder to `target` data, replaying `source` data (both read like the
     activation store; `*_prompts` restrict them to prompt indices, e.g. the target / source domain).
-    `harmful` latents get their decoder drift reported. Returns the adapted copy and the metrics."""
+    `harmful` latents get their decoder drift reported. Returns the adapted copy and the metrics (on a
+    `team`'s other members, only the number of steps)."""
     cfg = cfg or AdaptConfig()
     cfg.check()
     if sae.activation != "topk":
@@ -159,8 +165,9 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
     var_t = _variance(t_stream, d, cfg.var_batches, scale, "target")
     var_s = _variance(s_stream, d, cfg.var_batches, scale, "source") if s_stream else None
     ev = {"position": position, "batch_size": cfg.batch_size, "max_batches": cfg.eval_batches}
-    before_t = sae_quality(sae, target, prompts=target_prompts, **ev)
-    before_s = sae_quality(sae, source, prompts=source_prompts, **ev) if source is not None else None
+    if team.leader:
+        before_t = sae_quality(sae, target, prompts=target_prompts, **ev)
+        before_s = sae_quality(sae, source, prompts=source_prompts, **ev) if source is not None else None
 
     for p in (sae.W_enc, sae.b_enc):
         p.requires_grad_(False)
@@ -175,23 +182,30 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
     base_s = _baseline(sae, s_stream, d, cfg.var_batches, var_s) if s_cycle is not None else None
     log_mu, ema = 0.0, None  # μ = replay · exp(log_mu), raised while the retention constraint is violated
     history, window, stopped, step = [], torch.zeros(5, dtype=torch.float64), False, 0
-    logf = open(log, "w") if log else None  # noqa: SIM115 -- closed in the finally below
+    logf = open(log, "w") if log and team.leader else None  # noqa: SIM115 -- closed in the finally below
     try:
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step)
-            fvu_t = _fvu(sae, t_cycle.next().to(dev) * sae.scale, var_t)
+            fvu_t = _fvu(sae, t_cycle.next().to(dev), var_t, team)
             anchor = (sae.W_dec - w_src).pow(2).sum()
-            loss = fvu_t + cfg.anchor * anchor
+            loss = fvu_t + cfg.anchor * anchor if team.leader else fvu_t
             fvu_s = torch.zeros((), device=dev)
             mu = cfg.replay * math.exp(log_mu)
             if s_cycle is not None and cfg.replay:
-                fvu_s = _fvu(sae, s_cycle.next().to(dev) * sae.scale, var_s)
+                fvu_s = _fvu(sae, s_cycle.next().to(dev), var_s, team)
                 loss = loss + mu * fvu_s
-            if not torch.isfinite(loss):
-                raise AdaptError(f"adaptation diverged at step {step} (loss {float(loss)}): lower --lr or --replay")
+            if team.size > 1:  # the whole batch's values, on every member
+                total = torch.stack([loss.detach(), fvu_t.detach(), fvu_s.detach()])
+                team.sum_([total])
+                loss_value, fvu_t, fvu_s = total.unbind()
+            else:
+                loss_value = loss
+            if not torch.isfinite(loss_value):
+                raise AdaptError(f"adaptation diverged at step {step} (loss {float(loss_value)}): lower --lr or --replay")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            team.sum_grads(trained)
             remove_parallel_grad(sae)
             opt.step()
             normalize_decoder(sae)
@@ -216,7 +230,7 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
                     logf.flush()
             if progress is not None:
                 progress(step, cfg.steps, last)
-            if should_stop is not None and step < cfg.steps and should_stop():
+            if step < cfg.steps and team.any(should_stop is not None and should_stop()):
                 stopped = True
                 break
     finally:
@@ -225,6 +239,8 @@ def adapt_decoder(sae: SparseAutoencoder, target: Any, source: Any = None, cfg: 
 
     for name, p in sae.named_parameters():  # the copy's grad flags as the input's
         p.requires_grad_(getattr(src_sae, name).requires_grad)
+    if not team.leader:
+        return AdaptResult(sae, {"adapt_steps": step}, history, stopped)
     after_t = sae_quality(sae, target, prompts=target_prompts, **ev)
     after_s = sae_quality(sae, source, prompts=source_prompts, **ev) if source is not None else None
     drift = _drift(sae.W_dec.detach(), w_src)
@@ -249,14 +265,16 @@ def _baseline(sae: SparseAutoencoder, stream: Stream, d: int, n_batches: int, va
             break
         x = checked(batch_x(b), d, f"source data, batch {i}")
         if len(x):
-            vals.append(float(_fvu(sae, x.to(sae.W_dec.device) * sae.scale, var)))
+            vals.append(float(_fvu(sae, x.to(sae.W_dec.device), var)))
     return max(sum(vals) / max(len(vals), 1), 1e-12)
 
 
-def _fvu(sae: SparseAutoencoder, xs: torch.Tensor, var: float) -> torch.Tensor:
+def _fvu(sae: SparseAutoencoder, x: torch.Tensor, var: float, team: Team = SOLO) -> torch.Tensor:
+    """FVU of a batch of unscaled rows x: this member's share of the sum, over the whole batch's variance."""
+    xs = x[team.share(x.shape[0])] * sae.scale
     vals, idx = sae.encode_sparse(xs)  # frozen W_enc, b_enc; the current b_dec centres the input
     e = xs - decode_scaled(sae, vals, idx)
-    return e.pow(2).sum() / (var * xs.shape[0])
+    return e.pow(2).sum() / (var * x.shape[0])
 
 
 RESCORE_MODES = ("rescore", "union", "reselect")
@@ -302,8 +320,8 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
     """Adapt every (chosen) position of a dictionary on the store's target-domain rows, replaying its
     source-domain rows; write the dictionary to `out_path` after each position (unadapted positions are
     copied as they were; provenance lists the adapted ones). Returns {position name: metrics}. With several
-    `ranks` each adapts the positions dealt to it (`<out_path>.<position>.entry.safetensors`) and rank 0 writes
-    the whole dictionary."""
+    `ranks` each position is adapted by its team (`Ranks.assign`), whose leader leaves the entry in
+    `<out_path>.<position>.entry.safetensors`, and rank 0 writes the whole dictionary."""
     from ..formats.dictionary import DictionaryError, load, save
 
     cfg = cfg or AdaptConfig()
@@ -323,20 +341,24 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
         if store.width(p) != d.entries[p].sae.d:
             raise AdaptError(f"position {p}: width {store.width(p)} in the store but {d.entries[p].sae.d} in the dictionary")
     adapted, report = [], {}
+    teams = ranks.teams(len(positions))
     for j, p in enumerate(positions):
-        if not ranks.owns(j):
+        team = teams.get(j)
+        if team is None:
             continue
         e = d.entries[p]
-        cb = tqdm_progress(f"adapt {p}", cfg.steps) if progress else None
+        cb = tqdm_progress(f"adapt {p}", cfg.steps) if progress and team.leader else None
         try:
             res = adapt_decoder(e.sae, store, store if src else None, cfg, harmful=e.harmful, position=p,
                                 target_prompts=tgt, source_prompts=src or None, device=device, progress=cb,
-                                should_stop=should_stop)
+                                should_stop=should_stop, team=team)
         finally:
             if cb is not None:
                 cb.close()
         if res.stopped:
             raise KeyboardInterrupt
+        if not team.leader:
+            continue
         e.sae = res.sae.cpu().requires_grad_(False)
         metrics = dict(res.metrics)
         if rescore:
@@ -355,7 +377,7 @@ def adapt_store(dictionary_path: str, store: Any, out_path: str, positions: list
     if ranks.world > 1:
         ranks.barrier()
         for j, p in enumerate(positions):
-            if not ranks.owns(j):
+            if j not in teams or not teams[j].leader:
                 part = load(_entry_path(out_path, p))
                 d.entries[p] = part.entries[p]
                 report[str(p)] = json.loads(part.provenance["adapt_metrics"])

@@ -101,7 +101,9 @@ def build(store, out_path: str, cfg: BuildConfig | None = None, work_dir: str | 
     """Build `out_path` from `store`; returns a summary (routing, per-position training and adaptation
     metrics). `should_stop()` interrupts between and inside stages (KeyboardInterrupt). An existing
     `out_path` is refused unless `overwrite`. With several `ranks` (torchrun) every rank routes (the same
-    result), training and adaptation deal the positions over the ranks, and rank 0 writes the files."""
+    result), training and adaptation give each position a team of ranks (one rank each while there are no more
+    ranks than positions, several data-parallel beyond that: `distributed.Ranks.assign`), and rank 0 writes
+    the files."""
     cfg = cfg or BuildConfig()
     if os.path.isdir(out_path):
         raise BuildError(f"{os.path.basename(out_path) or out_path} is a folder; give a dictionary file name")

@@ -28,6 +28,12 @@ order through the same arithmetic, so a run killed (SIGKILL) and resumed ends wi
 bit for bit, as an uninterrupted one on the same machine, device and thread count. (On CUDA that also
 needs `torch.use_deterministic_algorithms(True)` and `CUBLAS_WORKSPACE_CONFIG=:4096:8`.) Resuming skips
 to the data position by reading the epoch's earlier batches again, which costs I/O but no compute.
+
+On the CPU the backward pass touches only the selected latents (sparse_grad.py: the same gradients, summed in
+another order). A `team` of several ranks (distributed.py) trains one SAE data-parallel: every member reads the
+same batches, trains on its share of each, and the gradients and statistics are summed over the team before
+the identical optimizer steps, so the SAE is the one-process SAE up to the order of floating-point sums. The
+team's leader writes the checkpoint and the log; every member resumes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -44,10 +50,11 @@ import torch
 from ..formats.atomic import remove_stale, write_text
 from ..sae import SparseAutoencoder
 from . import harmful as harmful_mod
+from . import sparse_grad
 from .checkpoint import load_optimizer, read_checkpoint, write_checkpoint
 from .data import Stream, TrainError, batch_x, checked, domain_prompts, linear_decay, moments
 from .decoder import decode_scaled, normalize_decoder, remove_parallel_grad
-from .distributed import SINGLE, Ranks
+from .distributed import SINGLE, SOLO, Ranks, Team
 from .metrics import sae_quality
 from .progress import tqdm_progress
 
@@ -137,22 +144,30 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
               checkpoint: str | None = None, log: str | None = None, resume: bool = True,
               device: str | torch.device | None = None,
               progress: Callable[[int, int, dict | None], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> TrainResult:
+              should_stop: Callable[[], bool] | None = None, team: Team = SOLO,
+              sparse: bool | None = None) -> TrainResult:
     """Train a TopK SAE on the batches of `data` at `position` (see the module docstring).
 
     `prompts` restricts the store to those prompt indices (e.g. the source domain). With `checkpoint`
     set, a checkpoint is written every `cfg.checkpoint_every` steps, on stop and at the end; when the
     file exists and `resume` is true, the run continues from it. `log` is a JSONL file of the metric
     windows (on resume, lines after the checkpoint's step are dropped). `progress(step, total, last
-    window or None)` is called after every step; `should_stop()` is polled after every step.
+    window or None)` is called after every step; `should_stop()` is polled after every step. `team`: the ranks
+    training this SAE together (every member calls this with the same arguments). `sparse`: the sparse backward
+    (sparse_grad.py); None picks it on the CPU, where it was faster than plain autograd at every size measured
+    (docs/SCALING.md, `benchmarks/train_step.py`), and plain autograd on CUDA, where it has not been measured.
+    A run and its resumption must use the same backward to end bit for bit alike.
     """
     cfg = cfg or TrainConfig()
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    sparse = dev.type == "cpu" if sparse is None else sparse
+    if not team.leader:
+        log = None
     stream = Stream(data, position, cfg.batch_size, prompts, cfg.shuffle, cfg.seed)
     d = stream.width()
 
     meta = tensors = None
-    if checkpoint:
+    if checkpoint and team.leader:
         remove_stale(checkpoint)
     if checkpoint and resume and os.path.exists(checkpoint):
         meta, tensors = read_checkpoint(checkpoint)
@@ -198,7 +213,7 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
     history = _open_log(log, step if meta is not None else None)
 
     def save_ckpt():
-        if checkpoint:
+        if checkpoint and team.leader:
             state = {"since_fired": since_fired, "window": window, "var_tok": var_tok}
             write_checkpoint(checkpoint, sae, opt, params, state,
                               {"d": d, "position": str(position) if position is not None else None,
@@ -227,9 +242,9 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
             continue
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
-        fvu, auxk, l0, fired = _train_step(sae, x * sae.scale, var_tok, since_fired >= cfg.dead_tokens,
-                                           k_aux, cfg.auxk_coef, opt)
         n = x.shape[0]
+        fvu, auxk, l0, fired = _train_step(sae, x[team.share(n)] * sae.scale, var_tok, since_fired >= cfg.dead_tokens,
+                                           k_aux, cfg.auxk_coef, opt, n=n, team=team, sparse=sparse)
         since_fired += n
         since_fired[fired] = 0
         tokens += n
@@ -242,7 +257,7 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
             save_ckpt()
         if progress is not None:
             progress(step, cfg.steps, last)
-        if should_stop is not None and step < cfg.steps and should_stop():
+        if step < cfg.steps and team.any(should_stop is not None and should_stop()):
             stopped = True
             save_ckpt()
             break
@@ -250,38 +265,74 @@ def train_sae(data: Any, cfg: TrainConfig | None = None, *, position: Any = None
         # stopped between two log steps: report the partial window, but keep it out of the log and the
         # history, which the checkpoint's window will complete when the run resumes
         last = _log_window(window, step, tokens, epoch, since_fired, cfg, None, [])
+    team.barrier()  # the leader's last checkpoint is on disk before any member may read it again
     metrics = dict(last or {"step": step, "tokens": tokens})
     metrics["scale"] = float(sae.scale)
     return TrainResult(sae, metrics, history, stopped, resumed_from)
 
 
-def _train_step(sae, xs, var_tok, dead, k_aux, auxk_coef, opt):
-    pre = sae.pre_acts(xs)
-    vals, idx = pre.topk(sae.k, dim=-1, sorted=False)
-    vals = vals.relu()
-    e = xs - decode_scaled(sae, vals, idx)
-    denom = var_tok.float() * xs.shape[0]
+def _train_step(sae, xs, var_tok, dead, k_aux, auxk_coef, opt, n=None, team=SOLO, sparse=False):
+    """One step on the scaled rows `xs` (this member's share of a batch of `n` rows, all of it by default):
+    (fvu, auxk, l0 of the batch, the latents that fired in it)."""
+    n = xs.shape[0] if n is None else n
+    n_dead = int(dead.sum())
+    ka = min(k_aux, n_dead) if n_dead and auxk_coef else 0
+    vals, idx, a_vals, a_idx = (_codes_sparse if sparse else _codes_dense)(sae, xs, dead, ka)
+    decode = (lambda v, i: sparse_grad.decode(v, i, sae.W_dec)) if sparse else \
+        (lambda v, i: decode_scaled(sae, v, i, bias=False))
+    e = xs - (decode(vals, idx) + sae.b_dec)
+    denom = var_tok.float() * n
     fvu = e.pow(2).sum() / denom
     loss = fvu
-    n_dead = int(dead.sum())
-    if n_dead and auxk_coef:
-        ka = min(k_aux, n_dead)
-        a_vals, a_idx = pre.masked_fill(~dead, -torch.inf).topk(ka, dim=-1, sorted=False)
-        e_hat = decode_scaled(sae, a_vals.relu(), a_idx, bias=False)
+    if ka:
+        e_hat = decode(a_vals, a_idx)
         auxk = min(n_dead / k_aux, 1.0) * (e_hat - e.detach()).pow(2).sum() / denom
         loss = loss + auxk_coef * auxk
     else:
         auxk = torch.zeros((), device=xs.device)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    team.sum_grads(params)
     remove_parallel_grad(sae)
     opt.step()
     normalize_decoder(sae)
     active = vals > 0
     fired = torch.zeros(sae.latents, dtype=torch.bool, device=xs.device)
     fired[idx[active]] = True
-    l0 = active.sum(1).double().mean()
-    return fvu.detach().double(), auxk.detach().double(), l0, fired
+    stats = torch.stack([fvu.detach().double(), auxk.detach().double(), active.sum().double()])
+    if team.size > 1:
+        both = torch.cat([stats, fired.double()])
+        team.sum_([both])
+        stats, fired = both[:3], both[3:] > 0
+    return stats[0], stats[1], stats[2] / n, fired
+
+
+def _codes_dense(sae, xs, dead, ka):
+    """TopK codes (values ≥ 0, indices) and, when ka > 0, the AuxK codes of the ka largest dead latents,
+    through plain autograd."""
+    pre = sae.pre_acts(xs)
+    vals, idx = pre.topk(sae.k, dim=-1, sorted=False)
+    if not ka:
+        return vals.relu(), idx, None, None
+    a_vals, a_idx = pre.masked_fill(~dead, -torch.inf).topk(ka, dim=-1, sorted=False)
+    return vals.relu(), idx, a_vals.relu(), a_idx
+
+
+def _codes_sparse(sae, xs, dead, ka):
+    """The same codes with the sparse backward: the selection on pre-activations computed without gradient,
+    the AuxK choice among the dead latents' columns only."""
+    with torch.no_grad():
+        pre = sae.pre_acts(xs)
+        idx = pre.topk(sae.k, dim=-1, sorted=False).indices
+        if ka:
+            dead_idx = dead.nonzero().squeeze(1)
+            sel = torch.cat([idx, dead_idx[pre[:, dead_idx].topk(ka, dim=-1, sorted=False).indices]], 1)
+        else:
+            sel = idx
+    picked = sparse_grad.picked(pre, sel, xs, sae).relu()
+    k = sae.k
+    return picked[:, :k], idx, (picked[:, k:] if ka else None), (sel[:, k:] if ka else None)
 
 
 def _log_window(window, step, tokens, epoch, since_fired, cfg, log, history) -> dict:
@@ -342,9 +393,10 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
     `out_dir/<position>.ckpt.safetensors` / `.log.jsonl`. Returns {position name: metrics}.
     Raises KeyboardInterrupt when `should_stop` stopped a run (its checkpoint and the dictionary of the
     finished positions are written first). `auto_dead_tokens` caps `cfg.dead_tokens` at half the
-    position's rows, so that small stores still see AuxK at work. With several `ranks` (torchrun) each trains
-    the positions dealt to it, leaves its entries in `out_dir/<position>.entry.safetensors`, and rank 0 writes
-    the dictionary of all of them, the same file one process writes."""
+    position's rows, so that small stores still see AuxK at work. With several `ranks` (torchrun) each position
+    is trained by its team (`Ranks.assign`: one rank, or several data-parallel when there are more ranks than
+    positions), whose leader leaves the entry in `out_dir/<position>.entry.safetensors`, and rank 0 writes the
+    dictionary of all of them, the same file one process writes."""
     from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
 
     cfg = cfg or TrainConfig()
@@ -357,18 +409,20 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
     dictionary_path = dictionary_path or os.path.join(out_dir, "dictionary.safetensors")
     os.makedirs(out_dir, exist_ok=True)
     entries, report = {}, {}
+    teams = ranks.teams(len(positions))
     for j, p in enumerate(positions):
-        if not ranks.owns(j):
+        team = teams.get(j)
+        if team is None:
             continue
         base = os.path.join(out_dir, str(p))
         pcfg = cfg
         if auto_dead_tokens and hasattr(store, "rows"):
             pcfg = dataclasses.replace(cfg, dead_tokens=max(1, min(cfg.dead_tokens, store.rows(p) // 2)))
-        cb = tqdm_progress(str(p), cfg.steps) if progress else None
+        cb = tqdm_progress(str(p), cfg.steps) if progress and team.leader else None
         try:
             res = train_sae(store, pcfg, position=p, prompts=src, checkpoint=base + ".ckpt.safetensors",
                             log=base + ".log.jsonl", resume=resume, device=device, progress=cb,
-                            should_stop=should_stop)
+                            should_stop=should_stop, team=team)
         finally:
             if cb is not None:
                 cb.close()
@@ -376,6 +430,8 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
             if entries and ranks.world == 1:
                 save(SafetyDictionary(store.family, entries, {}, dict(provenance or {}, partial=True)), dictionary_path)
             raise KeyboardInterrupt
+        if not team.leader:
+            continue
         sae = res.sae
         ev = sae_quality(sae, store, position=p, prompts=src, batch_size=cfg.batch_size, max_batches=eval_batches)
         hs = harmful_mod.find_harmful(sae, store, store.prompts, harmful_cfg, position=p, domain="source",
@@ -393,7 +449,7 @@ def train_store(store: Any, out_dir: str, positions: list | None = None, cfg: Tr
     if ranks.world > 1:
         ranks.barrier()
         for j, p in enumerate(positions):
-            if not ranks.owns(j):
+            if j not in teams or not teams[j].leader:
                 e = load(os.path.join(out_dir, f"{p}.entry.safetensors")).entries[p]
                 entries[p] = e
                 report[str(p)] = dict(e.metrics, harmful=len(e.harmful))
