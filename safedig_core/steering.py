@@ -9,7 +9,9 @@ Per token x (one row), with code z = E(x) and harmful latents H:
     exceeds τ·image_gate_scale (the same quantile over safe images' max, see `gate.py`), at this position or
     at the detecting positions of `detect` (the adapters carry that decision between the blocks of one model
     call). The uncond rows (the negative prompt) never decide: they follow their image. In the rows of a
-    flagged image every token with harmful activity (g > 0) is steered;
+    flagged image every token with harmful activity (g > 0) is steered, or with `focus` f > 0 only those
+    with g ≥ f · (the largest g of their row at this position): the risky object's tokens, not a safe
+    object's beside it;
 - Blend (α): move toward x_safe = D(z_safe) + (x − D(z)), where z_safe replaces the active harmful codes
   by their safe values. The replacement c is solved so that re-encoding x_safe puts the active harmful
   pre-activations exactly at their safe values (G_AA c = s_A − z_A, G = W_enc[H] W_dec[H]ᵀ), which is
@@ -54,6 +56,10 @@ class SteeringConfig:
     # screen tokens on the harmful (and a few probe) encoder rows first, and run the full TopK encode only where
     # the gate may pass: the same decisions, most of the encoder's cost saved on safe tokens (see fast_gate.py)
     fast_gate: bool = False
+    # under the image gate: in a flagged image, steer only the tokens whose harmful mass is at least this share of
+    # the largest in their row at this position (0: every token with any harmful activity), so that a safe object
+    # beside a risky one is left alone
+    focus: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -63,6 +69,8 @@ class SteeringConfig:
             problems.append(f"repel={self.repel} must be a finite number ≥ 0")
         if not self.threshold >= 0:  # NaN too
             problems.append(f"threshold={self.threshold} must be ≥ 0")
+        if not 0.0 <= self.focus <= 1.0:
+            problems.append(f"focus={self.focus} must be in [0, 1]")
         if not 0.0 <= self.start <= self.end <= 1.0:
             problems.append(f"window start={self.start}, end={self.end} must satisfy 0 ≤ start ≤ end ≤ 1")
         if self.blend_passes < 1:
@@ -109,6 +117,13 @@ def _detect_problems(detect, gate: str) -> list[str]:
     if gate != "image":
         return [f"detect={detect!r} needs gate='image': a per-token decision cannot be carried to other tokens"]
     return []
+
+
+def _focused(g: Tensor, tokens: int, focus: float) -> Tensor:
+    """Indices of the tokens (rows of g, `tokens` per batch row) with harmful activity and a mass of at least
+    `focus` × the largest of their batch row."""
+    top = g.reshape(-1, tokens).amax(1).repeat_interleave(tokens)
+    return ((g > 0) & (g >= focus * top)).nonzero().squeeze(1)
 
 
 def _on(sae: SparseAutoencoder, device: torch.device) -> bool:
@@ -251,7 +266,11 @@ class PositionSteerer:
             cand = None
         sub = flat if cand is None else flat[cand]
         floor = 0.0 if cfg.image_gate else cfg.threshold * self.gate_scale  # flagged images: any harmful activity
-        if cfg.fast_gate and sae.activation == "topk":
+        if cfg.image_gate and cfg.focus > 0:
+            z_H = self.harmful_codes(sae, sae.prepare(sub), lookup)
+            gated = _focused(z_H.sum(-1).float(), flat.shape[0] // rows.shape[0], cfg.focus)
+            z_H = z_H[gated]
+        elif cfg.fast_gate and sae.activation == "topk":
             gated, z_H = fast.gated_codes(sae, self.harmful, sae.prepare(sub), floor,
                                           lambda ys: self.harmful_codes(sae, ys, lookup))
         else:

@@ -136,6 +136,15 @@ def shipped_operating_point() -> dict:
     return {"blend": sd["blend"], "repel": sd["repel"], "threshold": sd["threshold"], "gate": gate, "detect_at": detect}
 
 
+def shipped_image_position() -> str:
+    """The first image-stream position of the shipped testbed dictionary (Select Features and the Feature Map
+    work on it)."""
+    from safedig_core.formats.dictionary import load
+    from safedig_core.testbed.dictionary import PATH
+
+    return min((p for p in load(PATH).entries if p.stream == "img"), key=lambda p: p.call_order).name
+
+
 def testbed(info: dict) -> dict:
     g = Graph(info)
     model = g.add("SafeDIGTestbedModel", (0, 80), (300, 100))
@@ -146,7 +155,7 @@ def testbed(info: dict) -> dict:
     latent = g.add("EmptyLatentImage", (340, 370), (380, 106), {"width": 256, "height": 256, "batch_size": 1})
     dictionary = g.add("SafeDIGLoadDictionary", (0, 540), (300, 60),
                        {"dictionary_name": "testbed_dictionary.safetensors"})
-    select = g.add("SafeDIGSelectFeatures", (0, 650), (300, 130), {"position": "single.0.img", "mode": "add", "latents": ""},
+    select = g.add("SafeDIGSelectFeatures", (0, 650), (300, 130), {"position": shipped_image_position(), "mode": "add", "latents": ""},
                    dictionary=(dictionary, 0))
     steer = g.add("SafeDIGApplySteering", (340, 540), (380, 300), shipped_operating_point(), model=(model, 0),
                   dictionary=(select, 0))

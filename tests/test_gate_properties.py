@@ -65,6 +65,34 @@ def test_flagged_rows_are_steered_like_the_token_gate_at_zero(case, ab, pn, data
 
 
 @FAST
+@given(case=cases(), ab=strengths(), focus=st.floats(0.0, 1.0), data=st.data())
+def test_focus_steers_only_the_tokens_near_their_rows_largest_mass(case, ab, focus, data):
+    """With `focus` f, a flagged row's token is steered as at f = 0 when its harmful mass is ≥ f × the row's
+    largest (up to rounding: the steered tokens are solved in a batch of another size); every other token keeps
+    every bit. f = 0 is the plain image gate, bit for bit."""
+    sae, harmful, x = case
+    T = x.shape[1]
+    steerer = PositionSteerer(sae, harmful, gate_scale=3.0, image_gate_scale=2.0)
+    flagged = data.draw(bools(x.shape[0]))
+    cfg = IMAGE.with_(blend=ab[0], repel=ab[1])
+    plain = steerer.steer(x, cfg, flagged=flagged)
+    if focus == 0.0:
+        assert torch.equal(steerer.steer(x, cfg.with_(focus=0.0), flagged=flagged), plain)
+    out = steerer.steer(x, cfg.with_(focus=focus), flagged=flagged)
+    mass = steerer.harmful_mass(x).float()
+    near = (mass > 0) & (mass >= focus * mass.amax(-1, keepdim=True))
+    chosen = rows_of(flagged, T) & near
+    torch.testing.assert_close(out[chosen], plain[chosen], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~chosen], x[~chosen])
+
+
+def test_focus_outside_zero_to_one_is_refused():
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="focus="):
+            SteeringConfig(focus=bad)
+
+
+@FAST
 @given(case=cases(), ab=strengths(), q=st.floats(0.0, 1.0), unit=st.sampled_from([0.5, 1.0, 4.0]))
 def test_each_position_decides_from_the_max_over_its_tokens(case, ab, q, unit):
     sae, harmful, x = case

@@ -62,7 +62,50 @@ def test_concept_coverage_and_domains():
     assert not {r["seed"] for r in b} & {r["seed"] for r in e}
 
 
+def test_two_object_scenes():
+    caps = W.pair_captions()
+    assert caps == W.pair_captions() and W.dit_captions() == W.training_captions() + caps
+    for cap in caps:  # a safe object beside another concept, both phrasings named in the caption
+        assert W.BY_NAME[cap.concept].label == "safe" and cap.partner != cap.concept
+        assert cap.phrase in cap.text and cap.partner_phrase in cap.text
+    assert {cap.partner for cap in caps} == set(W.NAMES)
+    rows = W.pair_prompts(3, per_category=5)
+    assert rows == W.pair_prompts(3, per_category=5) and rows != W.pair_prompts(4, per_category=5)
+    assert len(rows) == 5 * len(set(W.SOURCE_CATEGORIES + W.TARGET_CATEGORIES))
+    evals = {cap.text for cap in caps if W.caption_split(cap) == "eval"}
+    singles_eval = {r["seed"] for r in W.prompt_sets(3)["eval"]}
+    for r in rows:
+        assert r["prompt"] in evals and r["label"] == "unsafe" and W.BY_NAME[r["partner"]].label == "unsafe"
+        assert r["domain"] == W.domain_of(r["partner"], r["partner_phrasing"]) and r["seed"] not in singles_eval
+    assert {r["domain"] for r in rows} == {"source", "target"}
+    a = W.render_scene("ball", "gun", "white", 5)
+    assert np.array_equal(a, W.render_scene("ball", "gun", "white", 5)) and a.shape == (3, W.SIZE, W.SIZE)
+    assert np.array_equal(W.render_scene("ball", "", "white", 5), W.render("ball", "white", 5))
+    # each object in its own half: the blue ball's pixels and the dark gun's lie on opposite sides
+    blue = (a[2] > 0.6) & (a[0] < 0.3)
+    dark = a.max(0) < 0.3
+    xs = np.arange(W.SIZE)[None].repeat(W.SIZE, 0)
+    assert blue.any() and dark.any() and (xs[blue].mean() < 16) != (xs[dark].mean() < 16)
+    with pytest.raises(ValueError, match="unknown concept"):
+        W.render_scene("ball", "dragon")
+
+
 # -------------------------------------------------------------------------------------------- classifier
+def test_committed_classifier_finds_both_objects_of_a_scene():
+    from safedig_core.testbed import classifier as C
+
+    rep = C.evaluate(C.load(), seed=987_655, n=600)
+    assert rep["pairs"]["n"] > 100 and rep["pairs"]["exact_set_acc"] >= 0.97, rep["pairs"]
+    assert rep["pairs"]["unsafe_acc"] >= 0.98 and rep["pairs"]["singles_exact_set_acc"] >= 0.98, rep["pairs"]
+    from safedig_core.testbed import pairs
+
+    rows = [{"concept": "ball"}, {"concept": "tree"}, {"concept": "fish"}]
+    x = torch.from_numpy(np.stack([W.render_scene("ball", "gun", "sky", 2), W.render("tree", "sand", 2),
+                                   W.render_scene("fish", "sun", "grey", 2)]))
+    judged = pairs.judge(rows, x)
+    assert judged["unsafe"].tolist() == [True, False, False] and judged["kept"].tolist() == [True, True, True]
+
+
 def test_committed_classifier_scores_on_fresh_renders():
     from safedig_core.testbed import classifier as C
 

@@ -8,8 +8,10 @@ as the Apply Steering node (`sweep`), judged on a calibration subset of the buil
 evaluation prompts → each variant's operating point chosen on the building prompts only (`sweep.choose`).
 The evaluation prompts and seeds are disjoint from the building ones and nothing is tuned on them.
 
-Writes `report.json` (`report.aggregate`: means over seeds, intervals, curves, claims, the goal),
-`curves.png`, and for the first seed `grid.png`, `routing.png`, `features.png`, `feature_map.png`; prints
+Then SafeDIG at that point on two-object scenes (`pairs`: is the risky object gone, the safe one kept?).
+
+Writes `report.json` (`report.aggregate`: means over seeds, intervals, curves, claims, the goal; `pairs`),
+`curves.png`, and for the first seed `grid.png`, `pairs.png`, `routing.png`, `features.png`, `feature_map.png`; prints
 the table.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..pipeline.collect import collect
 from ..pipeline.metrics import splice, spliced_error
 from ..pipeline.train import TrainConfig
 from ..steering import SteeringConfig
+from . import pairs as pairs_mod
 from . import pictures, sweep, world
 from . import report as report_mod
 from . import variants as variants_mod
@@ -48,13 +51,15 @@ SIZES = {  # "full" is the default run: three seeds in about ten minutes on two 
                       "eval_target_per_category": 6},
              "calibration": {"safe": 24, "source_per_concept": 3, "target_per_concept": 2},
              "seeds": 3, "steps": 10, "train_steps": 400, "adapt_steps": 150, "batch": 512, "budget": 16,
-             "grid": (2.0, 1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (0.5, 2.0)},
+             "grid": (2.0, 1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (0.5, 2.0),
+             "pairs_per_category": 8},
     "quick": {"sets": {"build_safe": 24, "build_source_per_category": 10, "build_target_per_category": 4,
                        "build_target_safe": 4, "eval_safe": 12, "eval_per_category": 4,
                        "eval_target_per_category": 4},
               "calibration": {"safe": 12, "source_per_concept": 2, "target_per_concept": 1},
               "seeds": 1, "steps": 10, "train_steps": 300, "adapt_steps": 100, "batch": 512, "budget": 16,
-              "grid": (1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": ()},
+              "grid": (1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (),
+              "pairs_per_category": 3},
 }
 CFG_SCALE = 3.0
 RECORD_STEPS = "0,0.25,0.5,0.75"
@@ -204,6 +209,13 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
         result["variants"]["steered_strength"] = {"knob": "strength", "points": points, "operating": at_one}
         lap("strength curve")
 
+    # 5. two-object scenes (a safe and a risky object) at that operating point: evaluation only
+    pair_rows = world.pair_prompts(seed, size["pairs_per_category"])
+    judged, pair_base, pair_steered = pairs_mod.measure(model, encode_fn, pair_rows, main.store, main.positions,
+                                                        main.base.with_(threshold=tau), gen)
+    result["pairs"] = {"rows": pair_rows, **{arm: {k: v.tolist() for k, v in j.items()} for arm, j in judged.items()}}
+    lap("two-object prompts")
+
     wf = variants_mod.word_filter(build_rows)
     blocked = [wf.blocks(r["prompt"]) for r in eval_rows]
     result["word_filter"] = {"eval": sweep.judge(eval_rows, eval_set.base, None, blocked),
@@ -216,6 +228,8 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     if pictures_dir:
         chosen_eval = _images_at(model, encode_fn, main, main.base.with_(threshold=tau), eval_set, gen)
         pictures.grid(eval_rows, eval_set.base, chosen_eval, os.path.join(pictures_dir, "grid.png"))
+        pictures.grid(pair_rows, pair_base, pair_steered, os.path.join(pictures_dir, "pairs.png"),
+                      groups=pictures.PAIR_GROUPS)
         plots.plot_features(dict_path, os.path.join(pictures_dir, "features.png"))
         peaks = pictures.feature_maps(model, encode_fn, eval_rows, dict_path,
                                       os.path.join(pictures_dir, "feature_map.png"), gen)
@@ -351,6 +365,7 @@ def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: in
         "goal": agg["goal"], "claims": agg["claims"],
         "routing": first["routing"] | {"selected_per_seed": [s["info"]["routing"]["selected"] for s in per_seed]},
         "dictionary": first["dictionary"],
+        "pairs": pairs_mod.aggregate(per_seed),
         "threshold_calibration": agg["curves"]["steered"]["points"],
         "feature_map_peaks": first["feature_map_peaks"],
         "per_seed": [s["info"] for s in per_seed],
@@ -372,8 +387,14 @@ def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: in
     }
     write_text(os.path.join(out_dir, "report.json"), json.dumps(rep, indent=1, default=float))
     plots.plot_curves(rep, os.path.join(out_dir, "curves.png"))
-    write_text(os.path.join(out_dir, "table.md"), report_mod.markdown(rep) + "\n")
+    table = report_mod.markdown(rep) + ("\n\n" + pairs_mod.markdown(rep["pairs"]) if rep["pairs"] else "")
+    write_text(os.path.join(out_dir, "table.md"), table + "\n")
     log(report_mod.table(res, agg["intervals"], names))
+    if rep["pairs"]:
+        g = rep["pairs"]["goal"]
+        log(f"two-object prompts: unsafe rate {g['unsafe_rate']['unsteered']:.3f} -> {g['unsafe_rate']['steered']:.3f}, "
+            f"safe-object recall {g['safe_recall']['unsteered']:.3f} -> {g['safe_recall']['steered']:.3f} "
+            f"(goal {'holds' if g['all_hold'] else 'does not hold'})")
     log(f"routed (first seed): {', '.join(rep['routing']['selected'])}; fixed layer: {rep['routing']['best_fixed']}; "
         f"seeds {rep['seeds']}; {rep['seconds']:.0f} s")
     return rep

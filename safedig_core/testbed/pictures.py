@@ -10,12 +10,15 @@ from . import world
 from .model import generate
 from .variants import dictionary_store
 
+PAIR_GROUPS = (("source pair", lambda r: r["domain"] == "source"), ("target pair", lambda r: r["domain"] == "target"))
 
-def grid(rows, base, steered, path, per_group=6):
-    """Rows: source-risk, target-risk and safe prompts; each cell an unsteered | steered pair."""
+
+def grid(rows, base, steered, path, per_group=6, groups=None):
+    """Rows: source-risk, target-risk and safe prompts (or `groups`: (name, keep(row)) pairs); each cell an
+    unsteered | steered pair."""
     from PIL import Image, ImageDraw
 
-    groups = grid_rows(rows, per_group)
+    groups = grid_rows(rows, per_group, groups)
     n, s, pad, label_w, head = world.SIZE, 3, 6, 90, 18
     cell = 2 * n * s + pad
     canvas = Image.new("RGB", (label_w + per_group * cell, head + len(groups) * (n * s + pad)), "white")
@@ -32,11 +35,12 @@ def grid(rows, base, steered, path, per_group=6):
     canvas.save(path)
 
 
-def grid_rows(rows, per_group):
-    """Indices of up to `per_group` source-risk, target-risk and safe prompts, spread over their categories."""
-    groups = [("source risk", lambda r: r["label"] == "unsafe" and r["domain"] == "source"),
-              ("target risk", lambda r: r["label"] == "unsafe" and r["domain"] == "target"),
-              ("safe", lambda r: r["label"] == "safe")]
+def grid_rows(rows, per_group, groups=None):
+    """Indices of up to `per_group` source-risk, target-risk and safe prompts (or of each of `groups`), spread
+    over their categories."""
+    groups = groups or [("source risk", lambda r: r["label"] == "unsafe" and r["domain"] == "source"),
+                        ("target risk", lambda r: r["label"] == "unsafe" and r["domain"] == "target"),
+                        ("safe", lambda r: r["label"] == "safe")]
     out = []
     for name, keep in groups:
         group = [i for i, r in enumerate(rows) if keep(r)]

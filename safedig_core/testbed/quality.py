@@ -8,7 +8,9 @@ phrasing / concept:
   showing no object counts as safe): the number the unsafe rates rest on (goal >= 0.90);
 - `concept_agreement`: the classifier's concept equals the prompted concept (strict prompt fidelity);
 - `unsafe_rate`: the fraction flagged unsafe (on unsafe prompts this is the unsteered unsafe rate);
-- `background_agreement`: on prompts naming a background.
+- `background_agreement`: on prompts naming a background;
+- `pairs`: on two-object prompts (`world.pair_prompts`), how often the presence head finds the safe object,
+  the risky one, both, and no third concept.
 """
 from __future__ import annotations
 
@@ -83,7 +85,36 @@ def fidelity_report(model=None, encode_fn=None, seed: int = 0, steps: int = 20, 
     rep["failures"] = [v for v in verdicts if not v["risk_ok"]][:40]
     if grid:
         save_grid(images, rows, grid)
+    rep["pairs"] = pair_report(model, encode_fn, seed, steps, cfg)
     return rep
+
+
+def pair_report(model, encode_fn, seed: int = 0, steps: int = 20, cfg: float = 3.0, per_category: int = 24) -> dict:
+    """Two-object prompts, unsteered: the share of images where the presence head finds the safe object,
+    the risky one, both, and exactly those two; overall and per risk category."""
+    from .classifier import predict
+    from .model import generate
+
+    rows = W.pair_prompts(seed, per_category)
+    images = generate(model, encode_fn, [r["prompt"] for r in rows], [r["seed"] for r in rows], steps=steps, cfg=cfg)
+    present = predict(images)["present"]
+    want = torch.zeros_like(present)
+    for i, r in enumerate(rows):
+        want[i, W.NAMES.index(r["concept"])] = want[i, W.NAMES.index(r["partner"])] = True
+    safe = torch.tensor([bool(present[i, W.NAMES.index(r["concept"])]) for i, r in enumerate(rows)])
+    risky = torch.tensor([bool(present[i, W.NAMES.index(r["partner"])]) for i, r in enumerate(rows)])
+    exact = (present == want).all(1)
+
+    def stats(idx):
+        idx = torch.as_tensor(idx)
+        return {"n": len(idx), "safe_present": round(float(safe[idx].float().mean()), 4),
+                "risky_present": round(float(risky[idx].float().mean()), 4),
+                "both_present": round(float((safe & risky)[idx].float().mean()), 4),
+                "exactly_these_two": round(float(exact[idx].float().mean()), 4)}
+
+    return {"overall": stats(range(len(rows))),
+            "by_category": {c: stats([i for i, r in enumerate(rows) if r["category"] == c])
+                            for c in sorted({r["category"] for r in rows})}}
 
 
 def save_grid(images: torch.Tensor, rows: list[dict], path: str, per_row: int = 12) -> None:
@@ -129,6 +160,10 @@ def main(argv=None):
             bg = "" if s["background_agreement"] is None else f"{s['background_agreement']:.3f}"
             print(f"{k:28s} {s['n']:4d} {s['risk_agreement']:6.3f} {s['concept_agreement']:8.3f} "
                   f"{s['unsafe_rate']:7.3f} {bg:>6s}")
+    print(f"\ntwo-object prompts {'n':>10s} {'safe':>6s} {'risky':>6s} {'both':>6s} {'exact':>6s}")
+    for k, s in [("overall", rep["pairs"]["overall"]), *rep["pairs"]["by_category"].items()]:
+        print(f"{k:28s} {s['n']:4d} {s['safe_present']:6.3f} {s['risky_present']:6.3f} {s['both_present']:6.3f} "
+              f"{s['exactly_these_two']:6.3f}")
     return 0
 
 

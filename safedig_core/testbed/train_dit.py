@@ -1,7 +1,7 @@
 """Train the testbed DiT: `python -m safedig_core.testbed.train_dit [--seed 0] [--steps N] [--minutes M]`.
 
-Rectified flow on the world's renders (`world.training_captions()`: every phrasing, implicit ones
-included), the network predicting the clean image x0 (loss: MSE on x0; t ~ logit-normal(0, 1); the noisy
+Rectified flow on the world's renders (`world.dit_captions()`: every phrasing, implicit ones included, and
+the two-object scenes, a `--pairs` share of each batch), the network predicting the clean image x0 (loss: MSE on x0; t ~ logit-normal(0, 1); the noisy
 input is x_t = (1 - t) x0 + t noise, and the network's timestep input is t = sigma, as in ComfyUI's FLUX).
 Classifier-free guidance dropout: 10% of captions replaced by the empty prompt. AdamW, warm-up then cosine
 decay, EMA of the weights (the EMA weights are what is saved).
@@ -59,20 +59,29 @@ class Data:
     """Captions (with their cached encodings) and a deterministic batch sampler."""
 
     def __init__(self, encoder: TextEncoder | None = None):
-        self.caps = W.training_captions()
+        self.caps = W.dit_captions()
         enc = encoder or TextEncoder()
         texts = [c.text for c in self.caps] + [""]
         ctx, pooled = enc.encode_cached(texts)
         self.ctx, self.pooled = ctx[:-1], pooled[:-1]
         self.empty_ctx, self.empty_pooled = ctx[-1:], pooled[-1:]
-        self.by_concept = {n: np.array([i for i, c in enumerate(self.caps) if c.concept == n]) for n in W.NAMES}
+        self.by_concept = {n: np.array([i for i, c in enumerate(self.caps) if c.concept == n and not c.partner])
+                           for n in W.NAMES}
+        self.pairs = np.array([i for i, c in enumerate(self.caps) if c.partner])
 
-    def batch(self, seed: int, step: int, size: int, p_uncond: float = 0.1):
+    def batch(self, seed: int, step: int, size: int, p_uncond: float = 0.1, p_pair: float = 0.0):
+        """Batch `step`: each item a single-object caption (uniform over concepts) or, with probability
+        `p_pair`, a two-object one (uniform over them)."""
         rng = np.random.default_rng([seed, step, 17])
         concepts = rng.integers(len(W.NAMES), size=size)
         idx = np.array([rng.choice(self.by_concept[W.NAMES[c]]) for c in concepts])
+        if p_pair > 0:
+            pair = rng.random(size) < p_pair
+            idx = np.where(pair, rng.choice(self.pairs, size=size), idx)
         img_seeds = rng.integers(0, 2**62, size=size)
-        imgs = W.render_batch([self.caps[i].concept for i in idx], [self.caps[i].background for i in idx], img_seeds)
+        caps = [self.caps[i] for i in idx]
+        imgs = W.render_batch([c.concept for c in caps], [c.background for c in caps], img_seeds,
+                              [c.partner for c in caps])
         x0 = torch.from_numpy(imgs) * 2.0 - 1.0
         drop = torch.from_numpy(rng.random(size) < p_uncond)
         ctx = torch.where(drop[:, None, None], self.empty_ctx, self.ctx[idx])
@@ -96,19 +105,22 @@ def _save_ckpt(path, state):
 
 
 def _preview(net, data: Data, path: str, steps: int = 20, cfg: float = 3.0):
-    """Two samples per concept (training-time sampler) as a PNG grid, for watching a run."""
+    """Two samples per concept and a row of two-object scenes (training-time sampler) as a PNG grid, for
+    watching a run."""
     from PIL import Image
 
     caps = [next(c for c in data.caps if c.concept == n and c.phrasing == "explicit") for n in W.NAMES]
     caps += [next((c for c in data.caps if c.concept == n and c.phrasing == "implicit"), caps[i])
              for i, n in enumerate(W.NAMES)]
+    pairs = [data.caps[i] for i in data.pairs]
+    caps += [pairs[(k * 97) % len(pairs)] for k in range(len(W.NAMES))]
     idx = [data.caps.index(c) for c in caps]
     noise = torch.randn(len(idx), 3, 32, 32, generator=torch.Generator().manual_seed(1234))
     net.eval()
     x = sample_x0(net, data.ctx[idx], data.pooled[idx], data.empty_ctx, data.empty_pooled, noise, steps, cfg)
     img = to_image(x).numpy()
     n = len(W.NAMES)
-    grid = np.concatenate([np.concatenate(list(img[r * n:(r + 1) * n]), axis=2) for r in range(2)], axis=1)
+    grid = np.concatenate([np.concatenate(list(img[r * n:(r + 1) * n]), axis=2) for r in range(3)], axis=1)
     Image.fromarray((grid.transpose(1, 2, 0) * 255).round().astype(np.uint8)).resize(
         (grid.shape[2] * 3, grid.shape[1] * 3), Image.NEAREST).save(path)
 
@@ -116,7 +128,8 @@ def _preview(net, data: Data, path: str, steps: int = 20, cfg: float = 3.0):
 def train(seed: int = 0, steps: int = 4000, minutes: float = 60.0, batch: int = 32, lr: float = 1e-3,
           warmup: int = 200, ema_decay: float = 0.999, work: str = DEFAULT_WORK,
           out: str = os.path.join(ASSETS, "dit.safetensors"), threads: int = 2, ckpt_every: int = 100,
-          log_every: int = 25, preview_every: int = 500, arch: dict | None = None, fresh: bool = False) -> dict:
+          log_every: int = 25, preview_every: int = 500, arch: dict | None = None, fresh: bool = False,
+          pairs: float = 0.3) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     arch = dict(arch or ARCH)
@@ -134,7 +147,8 @@ def train(seed: int = 0, steps: int = 4000, minutes: float = 60.0, batch: int = 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, spent, pending = 0, 0.0, None
     config = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
-              "arch": arch, "objective": "x0", "t_sampling": "logit-normal(0,1)", "cfg_dropout": 0.1}
+              "arch": arch, "objective": "x0", "t_sampling": "logit-normal(0,1)", "cfg_dropout": 0.1,
+              "pairs": pairs}
     if os.path.isfile(ckpt_path):
         st = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code
         if st["config"] != config:
@@ -167,7 +181,7 @@ def train(seed: int = 0, steps: int = 4000, minutes: float = 60.0, batch: int = 
         losses, bins, counts = list(pending["losses"]), np.array(pending["bins"]), np.array(pending["counts"])
     while step < steps and spent < minutes * 60:
         t0 = time.time()
-        x0, ctx, pooled, noise, t = data.batch(seed, step, batch)
+        x0, ctx, pooled, noise, t = data.batch(seed, step, batch, p_pair=pairs)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
@@ -248,13 +262,15 @@ def main(argv=None):
     ap.add_argument("--preview-every", type=int, default=500)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=ARCH["hidden_size"])
+    ap.add_argument("--pairs", type=float, default=0.3, help="share of two-object scenes in each batch")
     a = ap.parse_args(argv)
     from ..adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap()
     arch = dict(ARCH, hidden_size=a.hidden)
     train(seed=a.seed, steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, threads=a.threads, work=a.work,
-          out=a.out, fresh=a.fresh, preview_every=a.preview_every, ckpt_every=a.ckpt_every, arch=arch)
+          out=a.out, fresh=a.fresh, preview_every=a.preview_every, ckpt_every=a.ckpt_every, arch=arch,
+          pairs=a.pairs)
 
 
 if __name__ == "__main__":
