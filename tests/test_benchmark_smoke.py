@@ -24,16 +24,21 @@ def _need_comfyui() -> None:
         pytest.skip(str(e))
 
 
+def _bench(script: str, *args: str, timeout: int) -> str:
+    """Run benchmarks/`script` --quick with `args` as a user would; its stdout (failing with all output)."""
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), "--quick", *args],
+                         check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
 def test_steering_overhead_quick(tmp_path):
     _need_comfyui()
     out = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "steering_overhead.py"), "--quick",
-                          "--threads", "1", "--json", str(out)],
-                         check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert run.returncode == 0, run.stdout + run.stderr
-    ratio_lines = re.findall(r"^block \+ gate .*\s(\d+\.\d\d)  (ok|ABOVE 1\.2)$", run.stdout, re.MULTILINE)
-    assert len(ratio_lines) == 4, run.stdout
-    assert "sparse decode: yes" in run.stdout
+    stdout = _bench("steering_overhead.py", "--threads", "1", "--json", str(out), timeout=120)
+    ratio_lines = re.findall(r"^block \+ gate .*\s(\d+\.\d\d)  (ok|ABOVE 1\.2)$", stdout, re.MULTILINE)
+    assert len(ratio_lines) == 4, stdout
+    assert "sparse decode: yes" in stdout
     result = json.loads(out.read_text())
     assert result["sparse_decode"] and len(result["configs"]) == 4
     assert all(c["ratio"] > 0 and c["ms"] > 0 for c in result["configs"])
@@ -44,13 +49,11 @@ def test_steering_overhead_gate_comparison_quick(tmp_path):
     inputs and on a couple of testbed prompts' activations."""
     _need_comfyui()
     out = tmp_path / "gate.json"
-    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "steering_overhead.py"), "--quick",
-                          "--gate-only", "--threads", "1", "--testbed-prompts", "2", "--json", str(out)],
-                         check=False, capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert run.returncode == 0, run.stdout + run.stderr
-    lines = re.findall(r"^(safe|10%|100%) .*\d+\.\d%\s+100\.00%\s+0  (ok|ABOVE 5 %)$", run.stdout, re.MULTILINE)
-    assert len(lines) == 3, run.stdout
-    assert "gate agreement: yes" in run.stdout
+    stdout = _bench("steering_overhead.py", "--gate-only", "--threads", "1", "--testbed-prompts", "2", "--json",
+                    str(out), timeout=180)
+    lines = re.findall(r"^(safe|10%|100%) .*\d+\.\d%\s+100\.00%\s+0  (ok|ABOVE 5 %)$", stdout, re.MULTILINE)
+    assert len(lines) == 3, stdout
+    assert "gate agreement: yes" in stdout
     gate = json.loads(out.read_text())["gate"]
     assert gate["agree"] and len(gate["planted"]) == 3 and gate["testbed"]
     assert all(r["fast_ms"] > 0 and r["exact_ms"] > 0 and r["agree"] == 1.0 for r in gate["planted"])
@@ -60,10 +63,8 @@ def test_steering_overhead_gate_comparison_quick(tmp_path):
 def test_sae_training_benchmark_quick(tmp_path):
     """benchmarks/sae_training.py runs both trainers on the same batches and prints the two ratios."""
     out = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "sae_training.py"), "--quick",
-                          "--json", str(out)], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"^tokens/s   SafeDIG \d+   sparsify \d+   ratio \d+\.\d\d", run.stdout, re.MULTILINE), run.stdout
+    stdout = _bench("sae_training.py", "--json", str(out), timeout=300)
+    assert re.search(r"^tokens/s   SafeDIG \d+   sparsify \d+   ratio \d+\.\d\d", stdout, re.MULTILINE), stdout
     result = json.loads(out.read_text())
     assert result["tokens"] == 256 * 20 and all(v > 0 for v in result["tokens_per_s"].values())
     assert all(0 < v < float("inf") for v in result["heldout_fvu"].values())
@@ -72,9 +73,7 @@ def test_sae_training_benchmark_quick(tmp_path):
 def test_train_step_benchmark_quick(tmp_path):
     """benchmarks/train_step.py times both backward passes of train_sae and prints their ratio."""
     out = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--quick",
-                          "--json", str(out)], check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert re.search(r"^sparse / dense +\d+\.\d\d$", run.stdout, re.MULTILINE), run.stdout
+    stdout = _bench("train_step.py", "--json", str(out), timeout=120)
+    assert re.search(r"^sparse / dense +\d+\.\d\d$", stdout, re.MULTILINE), stdout
     result = json.loads(out.read_text())
     assert result["dense_s"] > 0 and result["sparse_s"] > 0 and result["dead_frac"] > 0, result
