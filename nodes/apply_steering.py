@@ -21,12 +21,13 @@ def apply(model, loaded, cfg: SteeringConfig, positions: str = "all"):
 
 
 def config(blend, repel, threshold, start_percent, end_percent, apply_to, preserve_norm, gate="per token",
-           detect_at="each position", fast_gate=False) -> SteeringConfig:
-    """The node's widgets as a SteeringConfig; `detect_at` only means something to the per-image gate."""
+           detect_at="each position", fast_gate=False, focus=0.0) -> SteeringConfig:
+    """The node's widgets as a SteeringConfig; `detect_at` and `focus` only mean something to the per-image gate."""
     g = GATES[gate]
     return SteeringConfig(blend=blend, repel=repel, threshold=threshold, start=start_percent, end=end_percent,
                           apply_to=apply_to, preserve_norm=preserve_norm, gate=g,
-                          detect=DETECT_AT[detect_at] if g == "image" else "each", fast_gate=bool(fast_gate))
+                          detect=DETECT_AT[detect_at] if g == "image" else "each", fast_gate=bool(fast_gate),
+                          focus=focus if g == "image" else 0.0)
 
 
 class SafeDIGApplySteering(io.ComfyNode):
@@ -77,13 +78,19 @@ class SafeDIGApplySteering(io.ComfyNode):
                                  tooltip="Screen each token on the harmful latents first and run the full "
                                          "dictionary encode only where the gate may pass: the same decisions "
                                          "and images as the exact gate, at a fraction of its cost on safe tokens"),
+                io.Float.Input("focus", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Per-image gate only: in a flagged image, steer only the tokens whose harmful "
+                                       "mass is at least this share of the image's largest at that position, so a "
+                                       "safe object beside a risky one is touched less. 0: every token with "
+                                       "harmful activity; the testbed demo measures 0.5"),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, dictionary, blend, repel, threshold, start_percent, end_percent, apply_to,
-                positions, preserve_norm, gate="per token", detect_at="each position", fast_gate=False) -> io.NodeOutput:
+                positions, preserve_norm, gate="per token", detect_at="each position", fast_gate=False,
+                focus=0.0) -> io.NodeOutput:
         cfg = config(blend, repel, threshold, start_percent, end_percent, apply_to, preserve_norm, gate, detect_at,
-                     fast_gate)
+                     fast_gate, focus)
         return io.NodeOutput(apply(model, dictionary, cfg, positions))

@@ -133,7 +133,8 @@ def shipped_operating_point() -> dict:
     sd = load(PATH).steering_defaults
     gate = {"token": "per token", "image": "per image"}[sd["gate"]]  # the node's option labels
     detect = {"each": "each position", "text": "text positions", "img": "image positions"}[sd["detect"]]
-    return {"blend": sd["blend"], "repel": sd["repel"], "threshold": sd["threshold"], "gate": gate, "detect_at": detect}
+    return {"blend": sd["blend"], "repel": sd["repel"], "threshold": sd["threshold"], "gate": gate, "detect_at": detect,
+            "focus": sd.get("focus", 0.0)}
 
 
 def shipped_image_position() -> str:

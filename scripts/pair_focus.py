@@ -15,14 +15,27 @@ import json
 import os
 
 
+def _setting(text: str) -> dict:
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip() if key.strip() in ("gate", "detect", "apply_to") else float(value)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", required=True, help="the --out folder of a finished `safedig demo` run")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--focus", default="0,0.25,0.35,0.5", help="comma list of focus values in [0, 1]")
+    ap.add_argument("--config", action="append", default=[], metavar="FIELD=V,...",
+                    help="instead of --focus: one steering setting to measure, SteeringConfig fields over the demo's "
+                    "(e.g. focus=0.5,start=0.3); repeat for more")
     ap.add_argument("--pairs", type=int, default=8, help="two-object prompts per risk category")
+    ap.add_argument("--act", default="", help="comma list of the dictionary's positions to steer at (default: all; "
+                    "the decision is still made where the demo makes it)")
     args = ap.parse_args(argv)
-    focus = [float(v) for v in args.focus.split(",") if v.strip()]
+    settings = [_setting(c) for c in args.config] or [{"focus": float(v)} for v in args.focus.split(",") if v.strip()]
 
     from safedig_core.adapters.comfy import runtime as comfyui
 
@@ -35,6 +48,7 @@ def main(argv=None) -> None:
         tau = json.load(f)["result"]["variants"]["steered"]["operating"]["value"]
     store, positions = variants.dictionary_store(os.path.join(seed_dir, "testbed_dictionary.safetensors"))
     base = variants.with_detector(demo.STEER.with_(threshold=tau), positions)
+    acting = [p for p in positions if not args.act or str(p) in args.act.split(",")]
     model, encode = load_testbed()
     gen = dict(steps=demo.SIZES["full"]["steps"], cfg=demo.CFG_SCALE)
     two = world.pair_prompts(args.seed, args.pairs)
@@ -45,16 +59,16 @@ def main(argv=None) -> None:
         j = pairs.judge(two, two_images)
         f = sweep.figures(one, sweep.judge(one, one_images, plain))
         ur = f["unsafe_rate"]
-        print(f"{name:14s} two-object UR {j['unsafe'].mean():.3f} recall {j['kept'].mean():.3f} | one-object UR "
+        print(f"{name:24s} two-object UR {j['unsafe'].mean():.3f} recall {j['kept'].mean():.3f} | one-object UR "
               f"source {ur['source']:.3f} target {ur['target']:.3f} fidelity {f['safe_fidelity']:.3f} "
               f"safe Δ {f['safe_change']:.4f}", flush=True)
 
     print(f"seed {args.seed}, τ {tau}, {len(two)} two-object and {len(one)} one-object prompts, "
-          f"positions {[p.name for p in positions]}")
+          f"positions {[p.name for p in positions]}, acting at {[p.name for p in acting]}")
     show("unsteered", sweep.generate_rows(model, encode, two, gen), plain)
-    for f in focus:
-        m = comfyui.steer_model(model, store, positions, base.with_(focus=f))
-        show(f"focus {f}", sweep.generate_rows(m, encode, two, gen), sweep.generate_rows(m, encode, one, gen))
+    for changes in settings:
+        m = comfyui.steer_model(model, store, acting, base.with_(**changes))
+        show(" ".join(f"{k} {v}" for k, v in changes.items()), sweep.generate_rows(m, encode, two, gen), sweep.generate_rows(m, encode, one, gen))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ each acting position steered are exactly the rows flagged in the same call.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import make_dictionary
@@ -225,3 +227,34 @@ def test_positions_before_every_detector_are_refused(comfy, models, tmp_path):
         apply(comfy, models["flux"], loaded, positions="double.0.img, single.1.img")
     # the per-token gate ignores detect_at, as its tooltip says
     apply(comfy, models["flux"], loaded, positions="double.0.img, single.1.img", gate="per token")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_focus_steers_only_the_tokens_near_each_flagged_rows_strongest(comfy, models, tmp_path, family):
+    """The node's focus input: at focus 1 a flagged row of an acting position changes at its strongest token(s)
+    only; at 0 at every token with harmful activity (all of them here); unflagged rows keep every bit."""
+    loaded = load(comfy, tmp_path, dictionary(family), f"{family}.safetensors")
+    counts = {}
+    for p, st in loaded.store.steerers.items():
+        orig = st.steer
+
+        def rec(x, cfg, rows=None, flagged=None, _p=p, _orig=orig):
+            out = _orig(x, cfg, rows, flagged=flagged)
+            if str(_p) != DETECTOR[family]:
+                per_row = (out != x).any(-1).sum(-1)  # changed tokens of each batch row
+                counts.setdefault(cfg.focus, []).append((per_row, flagged, x.shape[1]))
+            return out
+
+        st.steer = rec
+    for focus in (0.0, 1.0):
+        run(apply(comfy, marked_model(models, family, {(COND, 0)}, []), loaded, focus=focus), family)
+    for focus, calls in counts.items():
+        assert calls, focus
+        for per_row, flagged, tokens in calls:
+            assert torch.equal(per_row[~flagged], torch.zeros_like(per_row[~flagged]))
+            want = torch.full_like(per_row[flagged], tokens) if focus == 0.0 else torch.ones_like(per_row[flagged])
+            assert torch.equal(per_row[flagged], want), (focus, per_row, flagged)
+    # the per-token gate has no image to focus in: the node drops focus there
+    config = sys.modules[comfy.NODE_CLASS_MAPPINGS["SafeDIGApplySteering"].__module__].config
+    assert config(1.0, 1.0, 1.0, 0.0, 1.0, "both", False, "per token", "each position", False, 0.7).focus == 0.0
+    assert config(1.0, 1.0, 1.0, 0.0, 1.0, "both", False, "per image", "text positions", False, 0.7).focus == 0.7

@@ -40,6 +40,7 @@ APPLY_INPUTS = [
     ("gate", "COMBO", {"default": "per token"}),
     ("detect_at", "COMBO", {"default": "each position"}),
     ("fast_gate", "BOOLEAN", {"default": False}),
+    ("focus", "FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0}),
 ]
 STEER = {"blend": 1.0, "repel": 1.0, "threshold": 0.0, "start_percent": 0.0, "end_percent": 1.0,
          "apply_to": "both", "positions": "all", "preserve_norm": False}
@@ -82,7 +83,7 @@ def execution_error(entry: dict) -> dict:
     return errors[0]
 
 
-OPTIONAL = {"gate", "detect_at", "fast_gate"}  # added after workflows were saved: optional, so older API prompts still run
+OPTIONAL = {"gate", "detect_at", "fast_gate", "focus"}  # added after workflows were saved: optional, so older API prompts still run
 
 
 def check_inputs(info: dict, expected: list):

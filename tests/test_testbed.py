@@ -78,6 +78,16 @@ def test_two_object_scenes():
         assert r["prompt"] in evals and r["label"] == "unsafe" and W.BY_NAME[r["partner"]].label == "unsafe"
         assert r["domain"] == W.domain_of(r["partner"], r["partner_phrasing"]) and r["seed"] not in singles_eval
     assert {r["domain"] for r in rows} == {"source", "target"}
+    built = W.building_pairs(3, safe=6, per_category=4)
+    assert built == W.building_pairs(3, safe=6, per_category=4) and built != W.building_pairs(4, safe=6, per_category=4)
+    assert len(built) == 6 + 4 * len(set(W.SOURCE_CATEGORIES + W.TARGET_CATEGORIES))
+    assert not {r["prompt"] for r in built} & evals  # building scenes never share a caption with evaluation
+    assert all(3 * 10**6 <= r["seed"] < 4 * 10**6 and r["split"] == "build" for r in built)
+    for r in built:
+        other = W.BY_NAME[r["partner"]]
+        assert W.BY_NAME[r["concept"]].label == "safe" and r["label"] == other.label
+        assert r["domain"] == (W.domain_of(other.name, r["partner_phrasing"]) if other.label == "unsafe" else "source")
+    assert sum(r["label"] == "safe" for r in built) == 6
     a = W.render_scene("ball", "gun", "white", 5)
     assert np.array_equal(a, W.render_scene("ball", "gun", "white", 5)) and a.shape == (3, W.SIZE, W.SIZE)
     assert np.array_equal(W.render_scene("ball", "", "white", 5), W.render("ball", "white", 5))

@@ -8,7 +8,7 @@ from . import args as A
 def run_demo(args) -> None:
     from ..testbed import demo
 
-    demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads)
+    demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads, pair_scenes=args.pair_scenes)
 
 
 def run_tiny_demo(args) -> None:
@@ -30,6 +30,9 @@ def add_cli(sub) -> None:
     p.add_argument("--threads", type=A.integer(1, 256), default=None,
                    help="torch threads for generation (SAE training always uses 1)")
     p.add_argument("--quick", action="store_true", help="smaller prompt sets and shorter training (CI)")
+    p.add_argument("--pair-scenes", action="store_true",
+                   help="also build the dictionary from two-object scenes and steer with focus 0.5 (measured, not "
+                        "the default: docs/METHOD_NOTES.md)")
     p.set_defaults(run=run_demo)
     p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")
     p.add_argument("--out", default="out/tiny-demo", type=A.output_dir, help="folder for the dictionary it writes")

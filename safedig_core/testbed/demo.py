@@ -61,6 +61,10 @@ SIZES = {  # "full" is the default run: three seeds in about ten minutes on two 
               "grid": (1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (),
               "pairs_per_category": 3},
 }
+# `--pair-scenes` (measured, not the default: docs/METHOD_NOTES.md): the dictionary is also built from two-object
+# building scenes (`world.building_pairs`) and SafeDIG steers with `focus`
+PAIR_SCENES = {"full": {"build_pairs": {"safe": 16, "per_category": 6}, "focus": 0.5},
+               "quick": {"build_pairs": {"safe": 8, "per_category": 4}, "focus": 0.5}}
 CFG_SCALE = 3.0
 RECORD_STEPS = "0,0.25,0.5,0.75"
 STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # SafeDIG: per-image gate, see variants
@@ -79,6 +83,18 @@ def block_positions(model) -> list:
     """Every block position of the testbed DiT (its text input, `input.txt`, is left out: the demo's figures
     were measured over the block positions; routing among the text input is not measured yet)."""
     return [p for p in comfyui.layout_of(model).positions() if p.kind != "input"]
+
+
+def steering(size: dict) -> SteeringConfig:
+    """SafeDIG's steering at a demo size (`focus` under `--pair-scenes`)."""
+    return STEER.with_(focus=size.get("focus", 0.0))
+
+
+def building_rows(seed: int, size: dict) -> list[dict]:
+    """What the dictionary is built from: the one-object building prompts and the two-object building scenes
+    (`world.building_pairs`, none unless `--pair-scenes`); the operating point is chosen on one-object prompts
+    only (`calibration_rows`)."""
+    return world.prompt_sets(seed, **size["sets"])["build"] + world.building_pairs(seed, **size.get("build_pairs", {}))
 
 
 def calibration_rows(build_rows: list[dict], safe: int, source_per_concept: int, target_per_concept: int) -> list:
@@ -135,8 +151,8 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     torch.manual_seed(seed)
     work = os.path.join(out_dir, "work")
     sets = world.prompt_sets(seed, **size["sets"])
-    build_rows, eval_rows = sets["build"], sets["eval"]
-    cal_rows = calibration_rows(build_rows, **size["calibration"])
+    cal_rows = calibration_rows(sets["build"], **size["calibration"])
+    build_rows, eval_rows = building_rows(seed, size), sets["eval"]
     model, encode_fn = load_testbed()
     log(f"[demo seed {seed}] {len(build_rows)} building prompts ({len(cal_rows)} to choose the operating point "
         f"on), {len(eval_rows)} evaluation prompts")
@@ -161,7 +177,7 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
         summary = build(store, dict_path, BuildConfig(top_k=3, train=tcfg, adapt=acfg), os.path.join(work, "build"),
                         progress=False, overwrite=True)
         lap("build")
-        variants = variants_mod.make(store, dict_path, summary, work, tcfg, acfg, STEER, size["grid"],
+        variants = variants_mod.make(store, dict_path, summary, work, tcfg, acfg, steering(size), size["grid"],
                                      size["dense_grid"])
         lap("ablation dictionaries")
     finally:
@@ -324,11 +340,14 @@ def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
 
 
 def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: int | None = None,
-        threads: int | None = None, log=print) -> dict:
+        threads: int | None = None, log=print, pair_scenes: bool = False) -> dict:
     """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
-    pictures to `out_dir`, returns the report."""
+    pictures to `out_dir`, returns the report. `pair_scenes`: build from two-object scenes too and steer with
+    focus (`PAIR_SCENES`)."""
     t0 = time.time()
     size = SIZES["quick" if quick else "full"]
+    if pair_scenes:
+        size = size | PAIR_SCENES["quick" if quick else "full"]
     n = seeds or size["seeds"]
     if threads:
         torch.set_num_threads(threads)
@@ -369,7 +388,7 @@ def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: in
         "threshold_calibration": agg["curves"]["steered"]["points"],
         "feature_map_peaks": first["feature_map_peaks"],
         "per_seed": [s["info"] for s in per_seed],
-        "prompts": {"build": len(world.prompt_sets(seed, **size["sets"])["build"]),
+        "prompts": {"build": len(building_rows(seed, size)),
                     "calibration": len(per_seed[0]["rows"]["build"]), "eval": len(per_seed[0]["rows"]["eval"]),
                     "eval_unsafe": {dom: sum(r["label"] == "unsafe" and r["domain"] == dom
                                              for r in per_seed[0]["rows"]["eval"]) for dom in ("source", "target")},
@@ -380,6 +399,7 @@ def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: in
                      "dense_grid": list(size["dense_grid"]), "strength_grid": list(size["strength_grid"]),
                      "build_fidelity_margin": BUILD_MARGIN, "max_fidelity_drop": MAX_FIDELITY_DROP,
                      "steering": {"blend": STEER.blend, "repel": STEER.repel, "gate": STEER.gate,
+                                  "focus": steering(size).focus, "pair_scenes": pair_scenes,
                                   "detect_per_seed": [s["info"]["gate"]["detect"] for s in per_seed],
                                   "threshold": agg["operating_point"]["steered"]["per_seed"]}},
         "environment": report_mod.environment(threads),

@@ -259,6 +259,39 @@ def prompt_sets(seed: int = 0, build_safe: int = 96, build_source_per_category: 
             "eval": [_row(cap, s, "eval", d) for (cap, d), s in zip(evals, eval_seeds)]}
 
 
+def building_pairs(seed: int = 0, safe: int = 0, per_category: int = 0) -> list[dict]:
+    """Building scenes with two objects, from the build half (`caption_split`) of `pair_captions()`: `safe`
+    rows of two safe objects (label safe, domain source) and `per_category` rows of a safe object beside a
+    risky one per risk category (the risky object's label, category and domain), balanced over concepts
+    and phrasings. They let the dictionary see compositions: latents that fire on a safe object because a
+    risky one shares its image are then common on unsafe tokens *and* rare on safe two-object scenes only
+    where they carry the risk itself. Rows look like `pair_prompts` rows (split "build"); seeds lie in
+    [3·10⁶, 4·10⁶), apart from every other set's."""
+    rng = np.random.default_rng([seed, 130363])
+    pools: dict = {}
+    for cap in pair_captions():
+        if caption_split(cap) == "build":
+            key = "" if BY_NAME[cap.partner].label == "safe" else cap.partner
+            pools.setdefault(key, []).append(cap)
+    picks = [("", safe)] + [(name, per_category) for name in sorted(k for k in pools if k)]
+    rows = []
+    for name, n in picks:
+        pool = pools.get(name, [])
+        for k in rng.permutation(len(pool))[:n]:
+            cap = pool[int(k)]
+            other = BY_NAME[cap.partner]
+            risky = other.label == "unsafe"
+            rows.append({"prompt": cap.text, "label": other.label, "category": other.category,
+                         "domain": domain_of(other.name, cap.partner_phrasing) if risky else "source",
+                         "concept": cap.concept, "partner": cap.partner, "partner_phrasing": cap.partner_phrasing,
+                         "phrasing": cap.partner_phrasing if risky else cap.phrasing, "background": "",
+                         "split": "build"})
+    seeds = 3 * 10**6 + (int(seed) * 2_000_003 + rng.permutation(10**6)[: len(rows)]) % 10**6
+    for r, s in zip(rows, seeds):
+        r["seed"] = int(s)
+    return rows
+
+
 def pair_prompts(seed: int = 0, per_category: int = 8) -> list[dict]:
     """Evaluation scenes with a safe and a risky object: `per_category` rows per risk category, drawn from
     the eval half (`caption_split`) of `pair_captions()`, balanced over the safe concepts and the risky
