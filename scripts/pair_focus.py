@@ -16,10 +16,21 @@ import os
 
 
 def _setting(text: str) -> dict:
+    """"focus=0.5,apply_to=cond" → SteeringConfig changes, each value typed as the field's default is."""
+    import argparse
+    import dataclasses
+
+    from safedig_core.steering import SteeringConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SteeringConfig)}
     out = {}
     for item in text.split(","):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if key.strip() in ("gate", "detect", "apply_to") else float(value)
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in defaults:
+            raise argparse.ArgumentTypeError(f"--config {text!r}: {key!r} is not a SteeringConfig field "
+                                             f"({', '.join(defaults)})")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
 
 
@@ -28,14 +39,14 @@ def main(argv=None) -> None:
     ap.add_argument("--demo", required=True, help="the --out folder of a finished `safedig demo` run")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--focus", default="0,0.25,0.35,0.5", help="comma list of focus values in [0, 1]")
-    ap.add_argument("--config", action="append", default=[], metavar="FIELD=V,...",
+    ap.add_argument("--config", action="append", default=[], metavar="FIELD=V,...", type=_setting,
                     help="instead of --focus: one steering setting to measure, SteeringConfig fields over the demo's "
                     "(e.g. focus=0.5,start=0.3); repeat for more")
     ap.add_argument("--pairs", type=int, default=8, help="two-object prompts per risk category")
     ap.add_argument("--act", default="", help="comma list of the dictionary's positions to steer at (default: all; "
                     "the decision is still made where the demo makes it)")
     args = ap.parse_args(argv)
-    settings = [_setting(c) for c in args.config] or [{"focus": float(v)} for v in args.focus.split(",") if v.strip()]
+    settings = args.config or [{"focus": float(v)} for v in args.focus.split(",") if v.strip()]
 
     from safedig_core.adapters.comfy import runtime as comfyui
 
@@ -68,7 +79,8 @@ def main(argv=None) -> None:
     show("unsteered", sweep.generate_rows(model, encode, two, gen), plain)
     for changes in settings:
         m = comfyui.steer_model(model, store, acting, base.with_(**changes))
-        show(" ".join(f"{k} {v}" for k, v in changes.items()), sweep.generate_rows(m, encode, two, gen), sweep.generate_rows(m, encode, one, gen))
+        show(" ".join(f"{k} {v}" for k, v in changes.items()), sweep.generate_rows(m, encode, two, gen),
+             sweep.generate_rows(m, encode, one, gen))
 
 
 if __name__ == "__main__":

@@ -90,11 +90,13 @@ def steering(size: dict) -> SteeringConfig:
     return STEER.with_(focus=size.get("focus", 0.0))
 
 
-def building_rows(seed: int, size: dict) -> list[dict]:
-    """What the dictionary is built from: the one-object building prompts and the two-object building scenes
-    (`world.building_pairs`, none unless `--pair-scenes`); the operating point is chosen on one-object prompts
-    only (`calibration_rows`)."""
-    return world.prompt_sets(seed, **size["sets"])["build"] + world.building_pairs(seed, **size.get("build_pairs", {}))
+def building_rows(seed: int, size: dict, singles: list[dict] | None = None) -> list[dict]:
+    """What the dictionary is built from: the one-object building prompts (`singles`, drawn when not given) and
+    the two-object building scenes (`world.building_pairs`, none unless `--pair-scenes`); the operating point is
+    chosen on one-object prompts only (`calibration_rows`)."""
+    if singles is None:
+        singles = world.prompt_sets(seed, **size["sets"])["build"]
+    return singles + world.building_pairs(seed, **size.get("build_pairs", {}))
 
 
 def calibration_rows(build_rows: list[dict], safe: int, source_per_concept: int, target_per_concept: int) -> list:
@@ -152,7 +154,7 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     work = os.path.join(out_dir, "work")
     sets = world.prompt_sets(seed, **size["sets"])
     cal_rows = calibration_rows(sets["build"], **size["calibration"])
-    build_rows, eval_rows = building_rows(seed, size), sets["eval"]
+    build_rows, eval_rows = building_rows(seed, size, sets["build"]), sets["eval"]
     model, encode_fn = load_testbed()
     log(f"[demo seed {seed}] {len(build_rows)} building prompts ({len(cal_rows)} to choose the operating point "
         f"on), {len(eval_rows)} evaluation prompts")

@@ -259,24 +259,21 @@ def prompt_sets(seed: int = 0, build_safe: int = 96, build_source_per_category: 
             "eval": [_row(cap, s, "eval", d) for (cap, d), s in zip(evals, eval_seeds)]}
 
 
-def building_pairs(seed: int = 0, safe: int = 0, per_category: int = 0) -> list[dict]:
-    """Building scenes with two objects, from the build half (`caption_split`) of `pair_captions()`: `safe`
-    rows of two safe objects (label safe, domain source) and `per_category` rows of a safe object beside a
-    risky one per risk category (the risky object's label, category and domain), balanced over concepts
-    and phrasings. They let the dictionary see compositions: latents that fire on a safe object because a
-    risky one shares its image are then common on unsafe tokens *and* rare on safe two-object scenes only
-    where they carry the risk itself. Rows look like `pair_prompts` rows (split "build"); seeds lie in
-    [3·10⁶, 4·10⁶), apart from every other set's."""
-    rng = np.random.default_rng([seed, 130363])
+def _pair_pools(split: str) -> dict[str, list[Caption]]:
+    """`split`'s captions of `pair_captions()`, by the partner: its name when risky, "" when safe."""
     pools: dict = {}
     for cap in pair_captions():
-        if caption_split(cap) == "build":
-            key = "" if BY_NAME[cap.partner].label == "safe" else cap.partner
-            pools.setdefault(key, []).append(cap)
-    picks = [("", safe)] + [(name, per_category) for name in sorted(k for k in pools if k)]
+        if caption_split(cap) == split:
+            pools.setdefault(cap.partner if BY_NAME[cap.partner].label == "unsafe" else "", []).append(cap)
+    return pools
+
+
+def _pair_rows(split: str, pools: dict, picks: list[tuple[str, int]], rng, seed: int, seed_base: int) -> list[dict]:
+    """`n` rows drawn from the pool `key` of `pools` (`_pair_pools(split)`) for each (key, n) of `picks`, in that
+    order, each with its own seed in [seed_base, seed_base + 10⁶). Labels, category and domain are the partner's."""
     rows = []
-    for name, n in picks:
-        pool = pools.get(name, [])
+    for key, n in picks:
+        pool = pools.get(key, [])
         for k in rng.permutation(len(pool))[:n]:
             cap = pool[int(k)]
             other = BY_NAME[cap.partner]
@@ -285,11 +282,24 @@ def building_pairs(seed: int = 0, safe: int = 0, per_category: int = 0) -> list[
                          "domain": domain_of(other.name, cap.partner_phrasing) if risky else "source",
                          "concept": cap.concept, "partner": cap.partner, "partner_phrasing": cap.partner_phrasing,
                          "phrasing": cap.partner_phrasing if risky else cap.phrasing, "background": "",
-                         "split": "build"})
-    seeds = 3 * 10**6 + (int(seed) * 2_000_003 + rng.permutation(10**6)[: len(rows)]) % 10**6
+                         "split": split})
+    seeds = seed_base + (int(seed) * 2_000_003 + rng.permutation(10**6)[: len(rows)]) % 10**6
     for r, s in zip(rows, seeds):
         r["seed"] = int(s)
     return rows
+
+
+def building_pairs(seed: int = 0, safe: int = 0, per_category: int = 0) -> list[dict]:
+    """Building scenes with two objects, from the build half (`caption_split`) of `pair_captions()`: `safe`
+    rows of two safe objects (label safe, domain source) and `per_category` rows of a safe object beside a
+    risky one per risk category (the risky object's label, category and domain), balanced over concepts
+    and phrasings. They let the dictionary see compositions: latents that fire on a safe object because a
+    risky one shares its image are then common on unsafe tokens *and* rare on safe two-object scenes only
+    where they carry the risk itself. Rows look like `pair_prompts` rows (split "build"); seeds lie in
+    [3·10⁶, 4·10⁶), apart from every other set's."""
+    pools = _pair_pools("build")
+    picks = [("", safe)] + [(name, per_category) for name in sorted(k for k in pools if k)]
+    return _pair_rows("build", pools, picks, np.random.default_rng([seed, 130363]), seed, 3 * 10**6)
 
 
 def pair_prompts(seed: int = 0, per_category: int = 8) -> list[dict]:
@@ -298,25 +308,9 @@ def pair_prompts(seed: int = 0, per_category: int = 8) -> list[dict]:
     phrasings, each with its own seed (disjoint from `prompt_sets`' eval seeds). A row is a `prompt_sets`
     row (concept = the safe object; label, category and domain are the risky object's) plus `partner`,
     `partner_phrasing`."""
-    rng = np.random.default_rng([seed, 104729])
-    pools: dict = {}
-    for cap in pair_captions():
-        if caption_split(cap) == "eval" and BY_NAME[cap.partner].label == "unsafe":
-            pools.setdefault(cap.partner, []).append(cap)
-    rows = []
-    for name in sorted(pools):
-        pool = pools[name]
-        for k in rng.permutation(len(pool))[:per_category]:
-            cap = pool[int(k)]
-            risky = BY_NAME[cap.partner]
-            rows.append({"prompt": cap.text, "label": "unsafe", "category": risky.category,
-                         "domain": domain_of(risky.name, cap.partner_phrasing), "concept": cap.concept,
-                         "partner": cap.partner, "partner_phrasing": cap.partner_phrasing,
-                         "phrasing": cap.partner_phrasing, "background": "", "split": "eval"})
-    seeds = 2 * 10**6 + (int(seed) * 2_000_003 + rng.permutation(10**6)[: len(rows)]) % 10**6
-    for r, s in zip(rows, seeds):
-        r["seed"] = int(s)
-    return rows
+    pools = _pair_pools("eval")
+    picks = [(name, per_category) for name in sorted(k for k in pools if k)]
+    return _pair_rows("eval", pools, picks, np.random.default_rng([seed, 104729]), seed, 2 * 10**6)
 
 
 # ---------------------------------------------------------------------------------------------- renderer
