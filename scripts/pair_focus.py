@@ -34,8 +34,15 @@ def _setting(text: str) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def steered_model(model, store, acting, cfg):
+    """The model steered by one setting, as Apply Steering patches it (`scripts/pair_region.py` passes its own)."""
+    from safedig_core.adapters.comfy import runtime as comfyui
+
+    return comfyui.steer_model(model, store, acting, cfg)
+
+
+def main(argv=None, steer=steered_model, description: str | None = None) -> None:
+    ap = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     ap.add_argument("--demo", required=True, help="the --out folder of a finished `safedig demo` run")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--focus", default="0,0.25,0.35,0.5", help="comma list of focus values in [0, 1]")
@@ -78,7 +85,7 @@ def main(argv=None) -> None:
           f"positions {[p.name for p in positions]}, acting at {[p.name for p in acting]}")
     show("unsteered", sweep.generate_rows(model, encode, two, gen), plain)
     for changes in settings:
-        m = comfyui.steer_model(model, store, acting, base.with_(**changes))
+        m = steer(model, store, acting, base.with_(**changes))
         show(" ".join(f"{k} {v}" for k, v in changes.items()), sweep.generate_rows(m, encode, two, gen),
              sweep.generate_rows(m, encode, one, gen))
 
