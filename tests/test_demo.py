@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -66,7 +67,9 @@ def test_report_has_means_intervals_curves_and_the_machine(report):
     assert rep["unsafe_rate"]["steered"]["overall"] == iv["steered"]["unsafe_rate.overall"]["mean"]
     for name, curve in rep["curves"].items():
         assert curve["points"] and curve["knob"] in ("threshold", "strength")
-    assert {"torch", "cpu", "threads"} <= set(rep["environment"])
+    assert {"torch", "cpu", "threads", "kernels"} <= set(rep["environment"])
+    if platform.machine().lower() in ("x86_64", "amd64"):  # the portable kernels, as `safedig demo` asks for them
+        assert rep["environment"]["kernels"] == {"aten": "AVX2", "mkl_cbwr": "AVX2"}
     assert "build_minus_eval_fidelity_change" in rep["operating_point"]["steered"]
     with open(out / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -167,3 +167,31 @@ def test_wan_has_no_text_positions(models):
     layout = comfyui.layout_of(models["wan"])
     with pytest.raises(PositionError, match=r"double\.0\.txt: WAN blocks return no txt stream"):
         layout.check(parse("double.0.txt"))
+
+
+def test_the_wrappers_cached_signatures_bind_as_inspect_does():
+    """The DIFFUSION_MODEL wrappers bind each call's arguments through a signature cached per function: for a
+    plain function, a bound method and a callable object it binds exactly as `inspect.signature` would."""
+    import inspect
+
+    from safedig_core.adapters.comfy.families import _signature
+
+    class Net:
+        def _forward(self, x, timestep, context=None, transformer_options=None, **kwargs):
+            return x
+
+        def __call__(self, a, b=2):
+            return a
+
+    def plain(x, *rest, transformer_options=None):
+        return x
+
+    for fn in (Net()._forward, Net()._forward, Net(), plain):
+        for args, kwargs in [((1, 2), {"context": 3}), ((1,), {"transformer_options": {}}), ((1, 2, 3, 4), {})]:
+            try:
+                want = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                with pytest.raises(TypeError):
+                    _signature(fn).bind_partial(*args, **kwargs)
+                continue
+            assert _signature(fn).bind_partial(*args, **kwargs).arguments == want

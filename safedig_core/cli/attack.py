@@ -9,6 +9,10 @@ from .common import UserError
 
 
 def run_attack(args) -> None:
+    from ..testbed import kernels
+
+    if not args.native_kernels:
+        kernels.use_portable()  # before the first tensor operation, as `safedig demo` does
     from ..testbed.attack import run
 
     if not os.path.isfile(os.path.join(args.demo, "report.json")):
@@ -29,6 +33,8 @@ def add_cli(sub) -> None:
                    help="the demo's output folder (default out/demo); with --quick and no report there, the quick "
                         "demo runs there first")
     p.add_argument("--out", default=None, type=A.output_dir, help="folder for the attack's outputs (default: --demo)")
+    p.add_argument("--native-kernels", action="store_true",
+                   help="the CPU's fastest kernels rather than the portable AVX2 ones, as for `safedig demo`")
     p.add_argument("--seeds", type=A.integer(0, 2 ** 31 - 1), nargs="+", default=None,
                    help="which of the demo's seeds to attack (default: all)")
     p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=5,

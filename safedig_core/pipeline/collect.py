@@ -206,6 +206,7 @@ def collect(runner: Runner, prompts: list[PromptRecord], positions, store_path: 
 def _collect_one(runner: Runner, rec: PromptRecord, i: int, seed: int, steps: int, positions: list[Position],
                  wanted: set, budget: int, widths: dict) -> tuple[dict, dict]:
     got: dict = {}
+    picks: dict = {}  # token indices by (stream length, step): the same for every position of this prompt
 
     def sink(p: Position, x: torch.Tensor, step: int) -> None:
         if p not in positions or step not in wanted:
@@ -216,7 +217,9 @@ def _collect_one(runner: Runner, rec: PromptRecord, i: int, seed: int, steps: in
             raise CollectError(f"{p}: activations of shape {tuple(x.shape)}, expected [B, T, {widths[p.name]}]")
         tokens = x.detach().reshape(-1, x.shape[-1])
         mean = torch.mean(tokens, 0, dtype=torch.float32).cpu()
-        idx = token_indices(len(tokens), budget, seed, i, step)
+        idx = picks.get((len(tokens), step))
+        if idx is None:
+            idx = picks[(len(tokens), step)] = token_indices(len(tokens), budget, seed, i, step)
         got[(p, step)] = (tokens[idx.to(tokens.device)].cpu(), idx, mean)
 
     runner.run(rec, prompt_seed(rec, i, seed), steps, positions, wanted.__contains__, sink)

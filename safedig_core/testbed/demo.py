@@ -39,8 +39,8 @@ from ..pipeline.collect import collect
 from ..pipeline.metrics import splice, spliced_error
 from ..pipeline.train import TrainConfig
 from ..steering import SteeringConfig
+from . import kernels, pictures, sweep, world
 from . import pairs as pairs_mod
-from . import pictures, sweep, world
 from . import report as report_mod
 from . import variants as variants_mod
 from .model import generate, load_testbed
@@ -273,7 +273,8 @@ SEED_RESULT = "seed_result.json"
 
 def _identity(seed: int, size: dict) -> str:
     return json.dumps({"seed": seed, "size": size, "cfg": CFG_SCALE, "record": RECORD_STEPS, "steer": repr(STEER),
-                       "margin": BUILD_MARGIN, "peak_margin": PEAK_MARGIN}, sort_keys=True, default=str)
+                       "margin": BUILD_MARGIN, "peak_margin": PEAK_MARGIN, "kernels": kernels.describe()},
+                      sort_keys=True, default=str)
 
 
 def _encode(v):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..evaluation.intervals import summary
+from . import kernels
 from .sweep import per_prompt
 
 FIGURES = ("unsafe_rate.source", "unsafe_rate.target", "unsafe_rate.overall", "safe_fidelity", "safe_change")
@@ -99,7 +100,7 @@ def environment(threads: int | None = None) -> dict:
         pass
     return {"torch": torch.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
             "threads": threads or torch.get_num_threads(), "python": platform.python_version(),
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(), "kernels": kernels.describe()}
 
 
 def aggregate(seeds: list[dict], variant_names: list[str]) -> dict:

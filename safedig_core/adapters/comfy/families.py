@@ -21,6 +21,7 @@ clone (`SHIMMED`, `add_block_slots`), and its patches go under `patch_key(family
 from __future__ import annotations
 
 import inspect
+import weakref
 
 from ...positions import FAMILY_INFO, ModelLayout
 from .patches import TOKEN_LAYOUT
@@ -160,21 +161,41 @@ def add_block_slots(model, family: str, positions) -> None:
         add_slots(model, {p.slot: (f"{kinds[p.kind][0]}.{p.index}", kinds[p.kind][1]) for p in positions if p.kind in kinds})
 
 
+_signatures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(fn) -> inspect.Signature:
+    """`inspect.signature(fn)`, computed once per function (the wrappers run at every model call); a bound
+    method's is its function's without the first parameter."""
+    func = getattr(fn, "__func__", fn)
+    try:
+        sigs = _signatures.get(func)
+    except TypeError:  # not weak-referenceable: no cache
+        return inspect.signature(fn)
+    if sigs is None:
+        sig = inspect.signature(func)
+        sigs = _signatures[func] = (sig, sig.replace(parameters=list(sig.parameters.values())[1:]))
+    return sigs[0] if func is fn else sigs[1]
+
+
 def _binding(executor, args, kwargs):
     fn = getattr(executor, "original", None) or executor.class_obj._forward
     try:
-        return inspect.signature(fn).bind_partial(*args, **kwargs)
-    except TypeError:
+        return _signature(fn).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
         return None
 
 
-def _bound(executor, args, kwargs) -> dict:
-    b = _binding(executor, args, kwargs)
+def _arguments(b) -> dict:
     if b is None:
         return {}
     bound = dict(b.arguments)
     extra = bound.pop("kwargs", None)  # NextDiT takes transformer_options among **kwargs
     return {**extra, **bound} if isinstance(extra, dict) else bound
+
+
+def _bound(executor, args, kwargs) -> dict:
+    return _arguments(_binding(executor, args, kwargs))
 
 
 def steer_text_input(executor, *args, **kwargs):
@@ -184,7 +205,7 @@ def steer_text_input(executor, *args, **kwargs):
     from .shim import SLOTS
 
     b = _binding(executor, args, kwargs)
-    to = _bound(executor, args, kwargs).get("transformer_options") if b is not None else None
+    to = _arguments(b).get("transformer_options")
     patch = to.get("patches_replace", {}).get(SLOTS, {}).get(("input", 0)) if isinstance(to, dict) else None
     if patch is None or b.arguments.get("context") is None:
         return executor(*args, **kwargs)

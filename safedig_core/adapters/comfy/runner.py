@@ -44,16 +44,15 @@ class ComfyRunner:
         st = self._state
         if st is None:
             return
+        step = step_of(to)
+        step = 0 if step is None else step
+        if not st["record_step"](step) or (p, step) in st["seen"]:
+            return  # a step not recorded, or a later model evaluation of the same step (multi-evaluation samplers)
         rows = cond_rows(x.shape[0], to.get("cond_or_uncond"))
         if rows is None:
             return
-        step = step_of(to)
-        step = 0 if step is None else step
-        if (p, step) in st["seen"]:
-            return  # later model evaluations of the same step (multi-evaluation samplers)
         st["seen"].add((p, step))
-        if st["record_step"](step):
-            st["sink"](p, x[rows], step)
+        st["sink"](p, x[rows], step)
 
     def _model_for(self, positions: list[Position]):
         key = tuple(positions)
