@@ -156,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
     ap.add_argument("--gate-only", action="store_true", help="only the exact vs fast gate comparison")
     ap.add_argument("--probes", type=int, default=None, help="the fast gate's probe latents (default: its own)")
+    ap.add_argument("--refine", type=int, default=None,
+                    help="probe latents of the fast gate's second screen (default: its own; 0: none)")
     ap.add_argument("--testbed-prompts", type=int, default=16, help="testbed prompts recorded (0: skip the testbed)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the testbed part always runs on the CPU)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -200,6 +202,8 @@ def main(argv=None):
 
     if a.probes is not None:
         fast_gate.PROBES = a.probes
+    if a.refine is not None:
+        fast_gate.REFINE = a.refine
     if a.gate_only:
         with torch.inference_mode():
             gate = compare_gates(steerer, {"safe": img0, **inputs}, run_block, tau, a.repeats, a.testbed_prompts)
@@ -318,7 +322,8 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
     x0 = next(iter(outs.values()))
     sc = fast_gate.screen(steerer._derived(x0.device, x0.dtype)[0], steerer.harmful)
     print(f"\ngate cost: exact (full TopK encode of every token) vs fast (screen on {sc.h} harmful + "
-          f"{sc.W.shape[0] - sc.h} probe rows, full encode where the gate may pass), τ={tau} × unit "
+          f"{sc.W.shape[0] - sc.h} probe rows, then {sc.then.m if sc.then else 0} on the tokens it lets through, full "
+          f"encode where the gate may pass), τ={tau} × unit "
           f"{steerer.gate_scale:g}; share = gate time / unsteered block ({block_ms:.1f} ms), median of {repeats}; "
           "goal for the fast gate ≤ 5 %")
     print(f"{'input':<10}{'exact ms':>10}{'share':>8}{'fast ms':>10}{'share':>8}{'speed-up':>10}{'screened':>10}"
@@ -338,7 +343,7 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
         ok &= r["agree"] >= 0.99 and r["missed_above_2_units"] == 0
     print(f"gate agreement: {'yes' if ok else 'NO'} (≥ 99 % of tokens, no token missed above 2 gate units)")
     return {"block_ms": block_ms, "planted": rows, "testbed": testbed, "agree": ok,
-            "probes": int(sc.W.shape[0] - sc.h)}
+            "probes": int(sc.W.shape[0] - sc.h), "refine": sc.then.m if sc.then else 0}
 
 
 def testbed_agreement(n_prompts: int, steps: int = 4) -> list[dict]:

@@ -20,7 +20,11 @@ error and the comparison keeps a margin for the rounding of g's own sum and of t
 then still an upper bound on the g the exact gate computes, and the decision stays exact.
 
 How much it saves depends on the dictionary: on how far below the threshold B stays on safe tokens, which
-more probes tighten (at m/L of the full encode's cost). `benchmarks/steering_overhead.py` measures both.
+more probes tighten (at m/L of the full encode's cost). So the screen is a cascade: the tokens the first screen
+cannot rule out are screened again with more probes (by default about L/6, `default_refine`; their rows are
+gathered from the encoder at each call rather than kept, so they cost no memory between calls), and only those
+left get the full encode. Any subset of latents gives a valid bound, so the cascade keeps the decision exact.
+`benchmarks/steering_overhead.py` measures both.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch import Tensor
 from .sae import SparseAutoencoder
 
 PROBES: int | None = None  # probe latents per SAE; None: `default_probes` (at most all the non-harmful ones)
+REFINE: int | None = None  # probe latents of the second screen; None: `default_refine`; 0: no second screen
 
 _screens: "weakref.WeakKeyDictionary[SparseAutoencoder, tuple]" = weakref.WeakKeyDictionary()
 
@@ -41,15 +46,23 @@ def default_probes(sae: SparseAutoencoder) -> int:
     return max(2 * sae.k, sae.latents // 24)
 
 
+def default_refine(sae: SparseAutoencoder) -> int:
+    """About 1/6 of the latents for the tokens the first screen lets through."""
+    return sae.latents // 6
+
+
 def _unit(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
 class Screen:
     """The harmful and probe rows of one TopK SAE's encoder (its working copy: device and dtype as the model
-    runs), in the accumulation precision."""
+    runs), in the accumulation precision; `gather`: take them from the encoder at each call instead of keeping
+    a copy. `then`: the screen the tokens this one lets through go to next (None: the full encode)."""
 
-    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None):
+    then: "Screen | None" = None
+
+    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None, gather: bool = False):
         dev, dtype = sae.W_enc.device, sae.W_enc.dtype
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         H = harmful.to(dev).long()
@@ -61,17 +74,19 @@ class Screen:
         m = min(default_probes(sae) if probes is None else probes, int(others.sum()))
         pick = reach.topk(m).indices
         rows = torch.cat([H, pick])
-        self.h, self.k, self.d = len(H), sae.k, sae.d
-        self.W = sae.W_enc[rows].to(self.acc)
+        self.h, self.k, self.d, self.m = len(H), sae.k, sae.d, m
+        W = sae.W_enc[rows].to(self.acc)
+        self.W, self.rows, self.source = (None, rows, sae.W_enc) if gather else (W, None, None)
         self.b = sae.b_enc[rows].to(self.acc)
-        self.norms = self.W.norm(dim=1)
+        self.norms = W.norm(dim=1)
         self.u_out = _unit(dtype)  # the full product's result is rounded to the working dtype
         self.gamma = (self.d + 2) * _unit(self.acc) / (1 - (self.d + 2) * _unit(self.acc))
 
     def bound(self, xs: Tensor, b_dec: Tensor) -> Tensor:
         """[N] upper bound (float) on the harmful mass the exact gate computes for scaled inputs xs [N, d]."""
         xc = (xs - b_dec).to(self.acc)  # the same subtraction, in the same dtype, as `SparseAutoencoder.pre_acts`
-        pre = torch.addmm(self.b, xc, self.W.t())
+        W = self.W if self.W is not None else self.source.index_select(0, self.rows).to(self.acc)
+        pre = torch.addmm(self.b, xc, W.t())
         # Cauchy–Schwarz on Σ|w_i x_i|, with a little room for the rounding of the norms themselves
         size = (xc.norm(dim=1, keepdim=True) * self.norms + self.b.abs()) * (1 + 1e-3)
         err = 2 * self.gamma * size + 2 * self.u_out * (pre.abs() + 2 * self.gamma * size)
@@ -86,18 +101,29 @@ class Screen:
 
     def may_pass(self, xs: Tensor, b_dec: Tensor, floor: float) -> Tensor:
         """[N] bool: the tokens that may have harmful mass above `floor` (the others provably do not); the
-        threshold itself may round down to the working dtype in the exact comparison."""
-        return self.bound(xs, b_dec) > floor * (1 - 2 * self.u_out)
+        threshold itself may round down to the working dtype in the exact comparison. The tokens it cannot rule
+        out go through `then`, when there is one."""
+        keep = self.bound(xs, b_dec) > floor * (1 - 2 * self.u_out)
+        if self.then is not None:
+            left = keep.nonzero().squeeze(1)
+            if left.numel():
+                keep[left] = self.then.may_pass(xs[left], b_dec, floor)
+        return keep
 
 
 def screen(sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None) -> Screen:
     """The `Screen` of this SAE (working copy), made once and remade if its encoder was changed or moved."""
     probes = PROBES if probes is None else probes  # None: the Screen's default
+    refine = default_refine(sae) if REFINE is None else REFINE
     # a memory manager may move the working copy (adapters/comfy/memory.py): the screen follows it
-    key = (sae.W_enc.device, sae.W_enc.dtype, _version(sae.W_enc), _version(sae.b_enc), tuple(harmful.tolist()), probes)
+    key = (sae.W_enc.device, sae.W_enc.dtype, _version(sae.W_enc), _version(sae.b_enc), tuple(harmful.tolist()), probes,
+           refine)
     got = _screens.get(sae)
     if got is None or got[0] != key:
-        got = _screens[sae] = (key, Screen(sae, harmful, probes))
+        first = Screen(sae, harmful, probes)
+        if refine > first.m and first.m < sae.latents - len(harmful):
+            first.then = Screen(sae, harmful, refine, gather=True)
+        got = _screens[sae] = (key, first)
     return got[1]
 
 

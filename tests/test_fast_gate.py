@@ -56,8 +56,9 @@ def no_near_tie(steerer, x, floor):
 
 @settings(max_examples=40, deadline=None)
 @given(**sizes, threshold=st.floats(0.0, 8.0), blend=st.sampled_from([0.0, 1.0]), repel=st.sampled_from([0.5, 1.0]),
-       gate=st.sampled_from(["token", "image"]), cond_only=st.booleans())
-def test_fast_gate_steers_as_exact_gate(seed, d, latents, k, h, probes, threshold, blend, repel, gate, cond_only):
+       gate=st.sampled_from(["token", "image"]), cond_only=st.booleans(), refine=st.sampled_from([None, 0, 50]))
+def test_fast_gate_steers_as_exact_gate(seed, d, latents, k, h, probes, threshold, blend, repel, gate, cond_only,
+                                        refine):
     sae, H, x = setup(seed, d, latents, k, h)
     x = x.double()
     steerer = PositionSteerer(sae, H, gate_scale=1.5, image_gate_scale=2.0).to("cpu", torch.float64)
@@ -65,16 +66,17 @@ def test_fast_gate_steers_as_exact_gate(seed, d, latents, k, h, probes, threshol
     assume(no_near_tie(steerer, x, 0.0))  # the floor of a flagged image's tokens
     cfg = SteeringConfig(blend=blend, repel=repel, threshold=threshold, gate=gate)
     rows = torch.tensor([True, False]) if cond_only else None
-    old = fast_gate.PROBES
+    old = fast_gate.PROBES, fast_gate.REFINE
     try:
-        fast_gate.PROBES = probes  # the decision must not depend on how many probes screen
+        # the decision must not depend on how many probes screen, nor on the second screen
+        fast_gate.PROBES, fast_gate.REFINE = probes, refine
         fast = steerer.steer(x, cfg.with_(fast_gate=True), rows)
         if gate == "image":
             for halves in (None, [0, 1], [1, 0], [1, 1]):  # each row an image; an image's cond and uncond rows
                 assert torch.equal(steerer.flag_images(x, cfg.with_(fast_gate=True), halves),
                                    steerer.flag_images(x, cfg, halves))
     finally:
-        fast_gate.PROBES = old
+        fast_gate.PROBES, fast_gate.REFINE = old
     exact = steerer.steer(x, cfg, rows)
     assert torch.equal((fast != x).any(-1), (exact != x).any(-1))
     torch.testing.assert_close(fast, exact, rtol=1e-9, atol=1e-9)
@@ -92,6 +94,23 @@ def test_screen_skips_safe_tokens_and_keeps_planted_ones():
     assert 0 < passes.float().mean() < 0.5
     cfg = SteeringConfig(repel=1.0, threshold=2.0)
     assert torch.equal(steerer.steer(x, cfg.with_(fast_gate=True)), steerer.steer(x, cfg))
+
+
+def test_the_second_screen_only_narrows_the_first_and_gathers_the_same_rows():
+    """The cascade's second screen (more probes, its rows gathered from the encoder at each call) bounds exactly as
+    a screen keeping a copy of those rows, and lets through a subset of what the first screen alone would."""
+    sae, H, x = setup(3, 48, 1200, 16, 8, bias=-1.0, planted=0.2, strength=8.0, tokens=256)
+    steerer = PositionSteerer(sae, H).to("cpu", torch.float32)
+    work = steerer._derived(torch.device("cpu"), torch.float32)[0]
+    xs = work.prepare(x.reshape(-1, 48))
+    cascade = fast_gate.screen(work, steerer.harmful)
+    assert cascade.then is not None and cascade.then.m == fast_gate.default_refine(work) > cascade.m
+    kept = fast_gate.Screen(work, steerer.harmful, cascade.then.m)
+    assert torch.equal(cascade.then.bound(xs, work.b_dec), kept.bound(xs, work.b_dec))
+    first_only = fast_gate.Screen(work, steerer.harmful, cascade.m).may_pass(xs, work.b_dec, 1.0)
+    both = cascade.may_pass(xs, work.b_dec, 1.0)
+    assert not (both & ~first_only).any() and both.sum() < first_only.sum()
+    assert both[exact_mass(steerer, x) > 1.0].all()
 
 
 def test_screen_follows_in_place_changes():
