@@ -29,7 +29,8 @@ def use_portable() -> dict[str, str]:
 
 
 def describe() -> dict[str, str]:
-    """The kernels in force: PyTorch's CPU capability and MKL's code path setting ("auto": MKL's own choice)."""
+    """The kernels in force: PyTorch's CPU capability (as PyTorch reports it) and MKL's code path as the environment
+    asks for it ("auto": MKL's own choice; MKL reads it once, at its first call)."""
     import torch
 
     return {"aten": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR", "auto")}
