@@ -279,7 +279,13 @@ class PositionSteerer:
             z_H = z_H[gated]
         if gated.numel() == 0:
             return x
-        token = gated if cand is None else cand[gated]
+        return self.steer_tokens(x, gated if cand is None else cand[gated], z_H, cfg)
+
+    def steer_tokens(self, x: Tensor, token: Tensor, z_H: Tensor, cfg: SteeringConfig) -> Tensor:
+        """Blend and Repel applied to the tokens `token` (indices into x's rows, flattened) whose harmful codes are
+        z_H [G, h], whatever chose them: a new tensor equal to x elsewhere."""
+        sae, lookup, D_H, gram, safe = self._derived(x.device, x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
         old = flat[token]
         z_H = z_H.float()
         delta = self._sum_rows(z_H, D_H, -cfg.repel) if cfg.repel else 0.0  # scaled space, [G, d]

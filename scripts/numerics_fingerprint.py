@@ -53,8 +53,11 @@ def main() -> int:
     if "--here" in sys.argv:
         print(fingerprint(), flush=True)
         return 0
-    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
-    portable = dict(base, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
+    sys.path.insert(0, ROOT)
+    from safedig_core.testbed.kernels import PORTABLE
+
+    base = {k: v for k, v in os.environ.items() if k not in PORTABLE}
+    portable = dict(base, **PORTABLE)
     for name, env in (("native", base), ("portable", portable)):
         run = subprocess.run([sys.executable, os.path.abspath(__file__), "--here"], env=env, capture_output=True,
                              text=True, timeout=600)

@@ -52,7 +52,14 @@ def main(argv=None, steer=steered_model, description: str | None = None) -> None
     ap.add_argument("--pairs", type=int, default=8, help="two-object prompts per risk category")
     ap.add_argument("--act", default="", help="comma list of the dictionary's positions to steer at (default: all; "
                     "the decision is still made where the demo makes it)")
+    ap.add_argument("--native-kernels", action="store_true",
+                    help="the CPU's fastest kernels, as for a demo run with --native-kernels (default: the portable "
+                         "ones `safedig demo` uses, safedig_core/testbed/kernels.py)")
     args = ap.parse_args(argv)
+    from safedig_core.testbed import kernels
+
+    if not args.native_kernels:
+        kernels.use_portable()  # before the first tensor operation, as the demo that made --demo did
     settings = args.config or [{"focus": float(v)} for v in args.focus.split(",") if v.strip()]
 
     from safedig_core.adapters.comfy import runtime as comfyui

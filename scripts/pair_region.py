@@ -57,22 +57,13 @@ class RegionSteerer(PositionSteerer):
             return super().steer(x, cfg, rows, flagged)
         decided = self.flag_images(x, cfg) if flagged is None else flagged.to(x.device, torch.bool)
         rows = decided if rows is None else decided & rows.to(x.device)
-        sae, lookup, D_H, gram, safe = self._derived(x.device, x.dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        z_all = self.harmful_codes(sae, sae.prepare(flat), lookup)
+        sae, lookup = self._derived(x.device, x.dtype)[:2]
+        z_all = self.harmful_codes(sae, sae.prepare(x.reshape(-1, x.shape[-1])), lookup)
         mass = z_all.sum(-1).float().view(x.shape[:2])
         sel = self._selected(mass)
         chosen = (mass > 0) & (sel > 0) & (sel >= cfg.focus * sel.amax(1, keepdim=True)) & rows[:, None]
         token = chosen.flatten().nonzero().squeeze(1)
-        if token.numel() == 0:
-            return x
-        z_H, old = z_all[token].float(), flat[token]
-        delta = self._sum_rows(z_H, D_H, -cfg.repel) if cfg.repel else 0.0
-        if cfg.blend:
-            delta = delta + cfg.blend * self._blend_shift(sae, sae.prepare(old), z_H, lookup, D_H, gram, safe, cfg)
-        out = flat.clone()
-        out[token] = old + sae.shift_to_input(delta, old).to(x.dtype)
-        return out.reshape(x.shape)
+        return x if token.numel() == 0 else self.steer_tokens(x, token, z_all[token], cfg)
 
 
 def region_model(region: str):
@@ -80,12 +71,13 @@ def region_model(region: str):
         import comfy.patcher_extension
 
         from safedig_core.adapters.comfy import patches
+        from safedig_core.adapters.comfy.families import _bound
 
         memory = Memory()
         own = patches.SharedSteerers({p: RegionSteerer(st, region, memory) for p, st in store.steerers.items()})
 
         def new_run_resets(executor, *args, **kwargs):
-            to = args[7] if len(args) > 7 else kwargs.get("transformer_options")
+            to = _bound(executor, args, kwargs).get("transformer_options")
             step = patches.step_of(to) if isinstance(to, dict) else None
             if step is not None and (memory.last_step is None or step < memory.last_step):
                 memory.clear()

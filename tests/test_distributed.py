@@ -74,10 +74,10 @@ def _env():
                                                       "MASTER_PORT")}
 
 
-def _collect(tmp_path, out, nproc: int, wait: bool = True):
+def _collect(tmp_path, out, nproc: int, wait: bool = True, args: list[str] = ARGS):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text(PROMPTS)
-    return _run(tmp_path, ARGS + ["--prompts", str(prompts), "--out", str(out)], nproc, wait)
+    return _run(tmp_path, args + ["--prompts", str(prompts), "--out", str(out)], nproc, wait)
 
 
 def _run(tmp_path, cli: list[str], nproc: int, wait: bool = True):
@@ -125,10 +125,17 @@ def test_two_ranks_write_the_single_process_store(single, tmp_path):
     assert json.loads(got["manifest.json"])["complete"]
 
 
+# Sampled with more steps (still recording steps 0 and 1), so that a prompt takes long enough for the kill to land
+# between shards: at 2 steps the tiny model can write every shard between two looks at the folder.
+SLOW_ARGS = [a if prev != "--steps" else "40" for prev, a in zip([None] + ARGS, ARGS)]
+
+
 @pytest.mark.slow
-def test_a_killed_rank_resumes_to_the_same_store(single, tmp_path):
+def test_a_killed_rank_resumes_to_the_same_store(tmp_path):
+    _collect(tmp_path, tmp_path / "single", 1, args=SLOW_ARGS)
+    single = _files(tmp_path / "single")
     store = tmp_path / "store"
-    proc = _collect(tmp_path, store, 2, wait=False)
+    proc = _collect(tmp_path, store, 2, wait=False, args=SLOW_ARGS)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once some shards are written, not all
         if store.is_dir() and sum(n.startswith("shard-") for n in os.listdir(store)) >= 2:
@@ -138,7 +145,7 @@ def test_a_killed_rank_resumes_to_the_same_store(single, tmp_path):
     proc.wait(timeout=60)
     done = sorted(n for n in os.listdir(store) if n.startswith("shard-"))
     assert 0 < len(done) < 8, f"the kill should land mid-run (shards then: {done})"
-    _collect(tmp_path, store, 1)  # any number of processes resumes it; one here
+    _collect(tmp_path, store, 1, args=SLOW_ARGS)  # any number of processes resumes it; one here
     assert _files(store) == single
     shutil.rmtree(store)
 
