@@ -46,7 +46,8 @@ def fingerprint() -> str:
         loss.backward()
         opt.step()
     k = kernels.describe()
-    return f"aten {k['aten']:7s} mkl {k['mkl_cbwr']:5s} images {_digest(images)} sae {_digest(sae.W_enc)}"
+    return (f"aten {k['aten']:7s} mkl {k['mkl_cbwr']:5s} onednn {k['onednn_isa']:5s} images {_digest(images)} "
+            f"sae {_digest(sae.W_enc)}")
 
 
 def main() -> int:
@@ -56,7 +57,7 @@ def main() -> int:
     sys.path.insert(0, ROOT)
     from safedig_core.testbed.kernels import PORTABLE
 
-    base = {k: v for k, v in os.environ.items() if k not in PORTABLE}
+    base = {k: v for k, v in os.environ.items() if k not in PORTABLE and k != "DNNL_MAX_CPU_ISA"}
     portable = dict(base, **PORTABLE)
     for name, env in (("native", base), ("portable", portable)):
         run = subprocess.run([sys.executable, os.path.abspath(__file__), "--here"], env=env, capture_output=True,

@@ -69,7 +69,7 @@ def test_report_has_means_intervals_curves_and_the_machine(report):
         assert curve["points"] and curve["knob"] in ("threshold", "strength")
     assert {"torch", "cpu", "threads", "kernels"} <= set(rep["environment"])
     if platform.machine().lower() in ("x86_64", "amd64"):  # the portable kernels, as `safedig demo` asks for them
-        assert rep["environment"]["kernels"] == {"aten": "AVX2", "mkl_cbwr": "AVX2"}
+        assert rep["environment"]["kernels"] == {"aten": "AVX2", "mkl_cbwr": "AVX2", "onednn_isa": "AVX2"}
     assert "build_minus_eval_fidelity_change" in rep["operating_point"]["steered"]
     with open(out / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
