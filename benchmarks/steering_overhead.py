@@ -322,7 +322,7 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
     x0 = next(iter(outs.values()))
     sc = fast_gate.screen(steerer._derived(x0.device, x0.dtype)[0], steerer.harmful)
     print(f"\ngate cost: exact (full TopK encode of every token) vs fast (screen on {sc.h} harmful + "
-          f"{sc.W.shape[0] - sc.h} probe rows, then {sc.then.m if sc.then else 0} on the tokens it lets through, full "
+          f"{sc.m} probe rows, then {sc.then.m if sc.then else 0} on the tokens it lets through, full "
           f"encode where the gate may pass), τ={tau} × unit "
           f"{steerer.gate_scale:g}; share = gate time / unsteered block ({block_ms:.1f} ms), median of {repeats}; "
           "goal for the fast gate ≤ 5 %")
@@ -343,7 +343,7 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
         ok &= r["agree"] >= 0.99 and r["missed_above_2_units"] == 0
     print(f"gate agreement: {'yes' if ok else 'NO'} (≥ 99 % of tokens, no token missed above 2 gate units)")
     return {"block_ms": block_ms, "planted": rows, "testbed": testbed, "agree": ok,
-            "probes": int(sc.W.shape[0] - sc.h), "refine": sc.then.m if sc.then else 0}
+            "probes": int(sc.m), "refine": sc.then.m if sc.then else 0}
 
 
 def testbed_agreement(n_prompts: int, steps: int = 4) -> list[dict]:

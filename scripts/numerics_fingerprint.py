@@ -55,9 +55,9 @@ def main() -> int:
         print(fingerprint(), flush=True)
         return 0
     sys.path.insert(0, ROOT)
-    from safedig_core.testbed.kernels import PORTABLE
+    from safedig_core.testbed.kernels import NAMES, PORTABLE
 
-    base = {k: v for k, v in os.environ.items() if k not in PORTABLE and k != "DNNL_MAX_CPU_ISA"}
+    base = {k: v for k, v in os.environ.items() if k not in NAMES}
     portable = dict(base, **PORTABLE)
     for name, env in (("native", base), ("portable", portable)):
         run = subprocess.run([sys.executable, os.path.abspath(__file__), "--here"], env=env, capture_output=True,

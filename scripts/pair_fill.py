@@ -5,16 +5,16 @@ docs/METHOD_NOTES.md.
 
     python scripts/pair_fill.py --demo out/dev --seed 2 --config focus=0.5 [--fill 1.0] [--fill-text]
 
-Why it was tried: the steered two-object images turn grey, background and safe object included, and a scratch
-check (development seed 2) found Blend and Repel moving a steered image token by a large part of its own norm. Filling from the row's other
-tokens keeps the background's colour, so a risky object would be replaced by background, not by grey.
-`--fill` is the share of the way to the context mean (1: replaced); only image positions (square token grids)
-are filled unless `--fill-text`, elsewhere SafeDIG's own Blend and Repel act. The choice of tokens (gate, focus)
+Why it was tried: the steered two-object images turn grey, background and safe object included, and Blend and
+Repel move a steered image token by a large part of its own norm (`scripts/pair_focus.py --shift`). Filling from the
+row's other tokens should replace a risky object by background, not by grey.
+`--fill` is the share of the way to the context mean (1: replaced); only image positions are filled unless
+`--fill-text`, elsewhere SafeDIG's own Blend and Repel act. The choice of tokens (gate, focus)
 is SafeDIG's; the other flags are `scripts/pair_focus.py`'s.
 """
 from __future__ import annotations
 
-import math
+import argparse
 import os
 import sys
 
@@ -28,13 +28,12 @@ from safedig_core.steering import PositionSteerer  # noqa: E402
 
 
 class FillSteerer(PositionSteerer):
-    def __init__(self, base: PositionSteerer, share: float, text: bool):
+    def __init__(self, base: PositionSteerer, share: float, fill: bool):
         super().__init__(base.sae, base.harmful, base.safe_values, base.gate_scale, base.image_gate_scale)
-        self.share, self.text = share, text
+        self.share, self.fill = share, fill
 
     def steer_tokens(self, x, token, z_H, cfg):
-        square = x.dim() == 3 and math.isqrt(x.shape[1]) ** 2 == x.shape[1]
-        if x.dim() != 3 or not (square or self.text):
+        if x.dim() != 3 or not self.fill:
             return super().steer_tokens(x, token, z_H, cfg)
         B, T, d = x.shape
         flat = x.reshape(-1, d)
@@ -53,27 +52,26 @@ def fill_model(share: float, text: bool):
     def steer(model, store, acting, cfg):
         from safedig_core.adapters.comfy import patches
 
-        own = patches.SharedSteerers({p: FillSteerer(st, share, text) for p, st in store.steerers.items()})
+        own = patches.SharedSteerers({p: FillSteerer(st, share, text or p.stream == "img")
+                                      for p, st in store.steerers.items()})
         return pair_focus.steered_model(model, own, acting, cfg)
     return steer
 
 
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    share, text = 1.0, "--fill-text" in argv
-    if text:
-        argv.remove("--fill-text")
-    if "--fill" in argv:
-        i = argv.index("--fill")
-        try:
-            share = float(argv[i + 1])
-        except (IndexError, ValueError):
-            raise SystemExit("--fill needs a number in [0, 1]") from None
-        del argv[i:i + 2]
-    if not 0.0 <= share <= 1.0:
-        raise SystemExit(f"--fill {share}: must be in [0, 1]")
-    pair_focus.main(argv, steer=fill_model(share, text), description=__doc__.split("\n\n")[0])
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--fill {text}: must be in [0, 1]")
+    return value
 
+
+def main(argv=None) -> None:
+    def add_arguments(ap):
+        ap.add_argument("--fill", type=_share, default=1.0, help="share of the way to the context mean (1: replaced)")
+        ap.add_argument("--fill-text", action="store_true", help="fill at the text positions too")
+
+    pair_focus.main(argv, description=__doc__.split("\n\n")[0], add_arguments=add_arguments,
+                    make_steer=lambda args: fill_model(args.fill, args.fill_text))
 
 if __name__ == "__main__":
     main()

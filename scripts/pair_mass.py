@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 
+from safedig_core.testbed import kernels
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", required=True, help="the --out folder of a finished `safedig demo` run")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--pairs", type=int, default=4, help="two-object prompts per risk category")
-    ap.add_argument("--native-kernels", action="store_true",
-                    help="the CPU's fastest kernels, as for a demo run with --native-kernels (default: the portable "
-                         "ones `safedig demo` uses, safedig_core/testbed/kernels.py)")
+    kernels.add_flag(ap)  # as for the demo run that made --demo
     args = ap.parse_args(argv)
-    from safedig_core.testbed import kernels
-
-    if not args.native_kernels:
-        kernels.use_portable()  # before the first tensor operation, as the demo that made --demo did
+    kernels.choose(args.native_kernels)  # before the first tensor operation
 
     from safedig_core.adapters.comfy import runtime as comfyui
 

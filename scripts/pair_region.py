@@ -91,16 +91,11 @@ def region_model(region: str):
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    region = "acc"
-    if "--region" in argv:
-        i = argv.index("--region")
-        region = argv[i + 1] if i + 1 < len(argv) else ""
-        del argv[i:i + 2]
-    if region not in REGIONS:
-        raise SystemExit(f"--region {region!r}: must be one of {', '.join(REGIONS)}")
-    pair_focus.main(argv, steer=region_model(region), description=__doc__.split("\n\n")[0])
+    def add_arguments(ap):
+        ap.add_argument("--region", choices=REGIONS, default="acc", help="which tokens of a flagged image are steered")
 
+    pair_focus.main(argv, description=__doc__.split("\n\n")[0], add_arguments=add_arguments,
+                    make_steer=lambda args: region_model(args.region))
 
 if __name__ == "__main__":
     main()

@@ -127,7 +127,8 @@ def test_two_ranks_write_the_single_process_store(single, tmp_path):
 
 # Sampled with more steps (still recording steps 0 and 1), so that a prompt takes long enough for the kill to land
 # between shards: at 2 steps the tiny model can write every shard between two looks at the folder.
-SLOW_ARGS = [a if prev != "--steps" else "40" for prev, a in zip([None] + ARGS, ARGS)]
+_STEPS = ARGS.index("--steps") + 1
+SLOW_ARGS = ARGS[:_STEPS] + ["40"] + ARGS[_STEPS + 1:]
 
 
 @pytest.mark.slow

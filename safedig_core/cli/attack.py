@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 
+from ..testbed import kernels
 from . import args as A
 from .common import UserError
 
 
 def run_attack(args) -> None:
-    from ..testbed import kernels
-
-    if not args.native_kernels:
-        kernels.use_portable()  # before the first tensor operation, as `safedig demo` does
+    kernels.choose(args.native_kernels)  # before the first tensor operation
     from ..testbed.attack import run
 
     if not os.path.isfile(os.path.join(args.demo, "report.json")):
@@ -33,8 +31,7 @@ def add_cli(sub) -> None:
                    help="the demo's output folder (default out/demo); with --quick and no report there, the quick "
                         "demo runs there first")
     p.add_argument("--out", default=None, type=A.output_dir, help="folder for the attack's outputs (default: --demo)")
-    p.add_argument("--native-kernels", action="store_true",
-                   help="the CPU's fastest kernels rather than the portable AVX2 ones, as for `safedig demo`")
+    kernels.add_flag(p)
     p.add_argument("--seeds", type=A.integer(0, 2 ** 31 - 1), nargs="+", default=None,
                    help="which of the demo's seeds to attack (default: all)")
     p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=5,

@@ -2,14 +2,12 @@
 random-weight FLUX in the real ComfyUI)."""
 from __future__ import annotations
 
+from ..testbed import kernels
 from . import args as A
 
 
 def run_demo(args) -> None:
-    from ..testbed import kernels
-
-    if not args.native_kernels:
-        kernels.use_portable()  # before the first tensor operation
+    kernels.choose(args.native_kernels)  # before the first tensor operation
     from ..testbed import demo
 
     demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads, pair_scenes=args.pair_scenes)
@@ -34,9 +32,7 @@ def add_cli(sub) -> None:
     p.add_argument("--threads", type=A.integer(1, 256), default=None,
                    help="torch threads for generation (SAE training always uses 1)")
     p.add_argument("--quick", action="store_true", help="smaller prompt sets and shorter training (CI)")
-    p.add_argument("--native-kernels", action="store_true",
-                   help="use the CPU's fastest kernels (AVX-512 where it has them) rather than the portable AVX2 ones "
-                        "(safedig_core/testbed/kernels.py): faster on some machines, figures that move with the CPU")
+    kernels.add_flag(p)
     p.add_argument("--pair-scenes", action="store_true",
                    help="also build the dictionary from two-object scenes and steer with focus 0.5 (measured, not "
                         "the default: docs/METHOD_NOTES.md)")
