@@ -16,6 +16,8 @@ fast gate ≤ 5 %), on a safe input (no harmful direction written in) and the tw
 with the exact gate (goal ≥ 99 % of tokens, no token missed that the exact gate passes with a mass above 2
 gate units), on those planted sets and on the testbed's own activations (the committed testbed DiT sampled
 through ComfyUI, recorded at its committed dictionary's positions, gated at τ = 1 per token and per image).
+On the safe input it also times the fast gate's parts (first screen, second screen and its gather, exact code of
+the tokens left), each as a share of the block.
 
     python benchmarks/steering_overhead.py            # full size: ~5 minutes on 2 cores, ~3.5 GB
     python benchmarks/steering_overhead.py --gate-only    # only the gate comparison, about a minute
@@ -338,12 +340,47 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
         print(f"{name:<10}{e_ms:>10.1f}{e_ms / block_ms:>8.1%}{f_ms:>10.1f}{f_ms / block_ms:>8.1%}"
               f"{e_ms / f_ms:>9.1f}x{ag['screened']:>10.1%}{ag['agree']:>9.2%}{ag['missed_above_2_units']:>8}  "
               f"{'ok' if f_ms / block_ms <= 0.05 else 'ABOVE 5 %'}")
+    parts = fast_parts(steerer, outs["safe"], floor, repeats, block_ms) if "safe" in outs else {}
     testbed = testbed_agreement(testbed_prompts) if testbed_prompts else []
     for r in testbed:
         ok &= r["agree"] >= 0.99 and r["missed_above_2_units"] == 0
     print(f"gate agreement: {'yes' if ok else 'NO'} (≥ 99 % of tokens, no token missed above 2 gate units)")
-    return {"block_ms": block_ms, "planted": rows, "testbed": testbed, "agree": ok,
+    return {"block_ms": block_ms, "planted": rows, "parts": parts, "testbed": testbed, "agree": ok,
             "probes": int(sc.m), "refine": sc.then.m if sc.then else 0}
+
+
+def fast_parts(steerer: PositionSteerer, x: torch.Tensor, floor: float, repeats: int, block_ms: float) -> dict:
+    """Where the fast gate's time goes on tokens x: its first screen over every token, its second screen over the
+    tokens the first lets through (the gather of its rows from the encoder counted apart, and inside it), and the
+    exact TopK code of the tokens left; each a median over `repeats` as a share of the block."""
+    sae, lookup = steerer._derived(x.device, x.dtype)[:2]
+    xs = sae.prepare(x.reshape(-1, x.shape[-1]))
+    first = fast_gate.screen(sae, steerer.harmful)
+    then = first.then
+    first.then = None  # the first screen alone
+    try:
+        left = first.may_pass(xs, sae.b_dec, floor).nonzero().squeeze(1)
+        cand = left[then.may_pass(xs[left], sae.b_dec, floor)] if then is not None else left
+        fns = {"first screen": lambda: segments(lambda _: first.bound(xs, sae.b_dec))[0],
+               "exact codes": lambda: segments(lambda _: steerer.harmful_codes(sae, xs[cand], lookup))[0]}
+        if then is not None:
+            fns["second screen"] = lambda: segments(lambda _: then.bound(xs[left], sae.b_dec))[0]
+            fns["its gather"] = lambda: segments(lambda _: then.source.index_select(0, then.rows).to(then.acc))[0]
+        med, _ = medians(fns, repeats)
+    finally:
+        first.then = then
+    n = xs.shape[0]
+    tokens = {"first screen": n, "second screen": len(left), "its gather": len(left), "exact codes": len(cand)}
+    rows_of = {"first screen": first.h + first.m, "second screen": then.h + then.m if then else 0,
+               "its gather": then.h + then.m if then else 0, "exact codes": sae.latents}
+    print("fast gate parts on the safe input (share of the block; rows of the encoder each part multiplies by):")
+    out = {}
+    for name in ("first screen", "second screen", "its gather", "exact codes"):
+        if name in med:
+            ms = med[name][0] * 1e3
+            out[name] = {"ms": ms, "share": ms / block_ms, "tokens": tokens[name], "rows": rows_of[name]}
+            print(f"  {name:<14}{ms:>9.1f} ms{ms / block_ms:>8.1%}  {tokens[name]:>6} of {n} tokens × {rows_of[name]} rows")
+    return out
 
 
 def testbed_agreement(n_prompts: int, steps: int = 4) -> list[dict]:

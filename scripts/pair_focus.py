@@ -82,6 +82,18 @@ def _shift_line() -> str:
     return "    steered tokens' ‖Δx‖/‖x‖: " + ("; ".join(parts) or "none steered")
 
 
+def demo_seed(demo_dir: str, seed: int):
+    """(τ, store, positions, SteeringConfig) of one finished seed of `safedig demo`: its dictionary, loaded, and
+    SafeDIG's setting at its operating τ, as the demo steers."""
+    from safedig_core.testbed import demo, variants
+
+    seed_dir = os.path.join(demo_dir, f"seed-{seed}")
+    with open(os.path.join(seed_dir, demo.SEED_RESULT)) as f:
+        tau = json.load(f)["result"]["variants"]["steered"]["operating"]["value"]
+    store, positions = variants.dictionary_store(os.path.join(seed_dir, "testbed_dictionary.safetensors"))
+    return tau, store, positions, variants.with_detector(demo.STEER.with_(threshold=tau), positions)
+
+
 def main(argv=None, description: str | None = None, add_arguments=None, make_steer=None) -> None:
     """`add_arguments(parser)` adds a script's own flags; `make_steer(args)` returns its `steer(model, store, acting,
     cfg)` (default: `steered_model`, SafeDIG's own)."""
@@ -112,14 +124,10 @@ def main(argv=None, description: str | None = None, add_arguments=None, make_ste
     from safedig_core.adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap(cpu=True)
-    from safedig_core.testbed import demo, pairs, pictures, sweep, variants, world
+    from safedig_core.testbed import demo, pairs, pictures, sweep, world
     from safedig_core.testbed.model import load_testbed
 
-    seed_dir = os.path.join(args.demo, f"seed-{args.seed}")
-    with open(os.path.join(seed_dir, demo.SEED_RESULT)) as f:
-        tau = json.load(f)["result"]["variants"]["steered"]["operating"]["value"]
-    store, positions = variants.dictionary_store(os.path.join(seed_dir, "testbed_dictionary.safetensors"))
-    base = variants.with_detector(demo.STEER.with_(threshold=tau), positions)
+    tau, store, positions, base = demo_seed(args.demo, args.seed)
     acting = [p for p in positions if not args.act or str(p) in args.act.split(",")]
     model, encode = load_testbed()
     gen = dict(steps=demo.SIZES["full"]["steps"], cfg=demo.CFG_SCALE)
