@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     nctx, npool = enc.encode([""])
 
     def encode_with(edit=None, ctx_of=None, pool_of=None):
-        """encode_fn whose cond pooled vectors go through `edit`, or come from the prompts `pool_of` maps to."""
+        """encode_fn whose cond tokens / pooled vectors come from the prompts `ctx_of` / `pool_of` map each prompt to,
+        and whose cond pooled vectors then go through `edit`."""
         def fn(prompts):
             ctx, pooled = enc.encode(list(prompts))
             if ctx_of is not None:
@@ -137,14 +138,17 @@ def main(argv=None) -> None:
                               torch.tensor(scores.safe_values))
     print(f"pooled SAE: {args.latents} latents, k {args.k}, FVU {trained.metrics['fvu']:.4f}, "
           f"{len(scores.indices)} harmful latents", flush=True)
-    safe_pool = torch.nn.functional.normalize(pooled[[r["label"] == "safe" for r in build]], dim=-1)
+    targets = pooled[[r["label"] == "safe" for r in build]]  # `nearest`'s candidates: the safe building scenes
+    directions = torch.nn.functional.normalize(targets, dim=-1)
 
     def edit(y, cfg, nearest):
+        """Blend / Repel on pooled vectors y [B, d]; with `nearest`, those whose harmful mass exceeds it become the
+        safe building vector nearest to their steered self."""
         out = steerer.steer(y[:, None, :], cfg)[:, 0] if not cfg.is_identity else y
         if nearest is not None:
             mass = trained.sae.encode(y)[:, steerer.harmful].sum(1)
-            pick = (torch.nn.functional.normalize(out, dim=-1) @ safe_pool.T).argmax(1)
-            out = torch.where((mass > nearest)[:, None], pooled[[r["label"] == "safe" for r in build]][pick], out)
+            pick = (torch.nn.functional.normalize(out, dim=-1) @ directions.T).argmax(1)
+            out = torch.where((mass > nearest)[:, None], targets[pick], out)
         return out
 
     for s in settings:
