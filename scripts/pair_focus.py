@@ -94,6 +94,21 @@ def demo_seed(demo_dir: str, seed: int):
     return tau, store, positions, variants.with_detector(demo.STEER.with_(threshold=tau), positions)
 
 
+def figures_line(two, two_images, one=None, one_images=None, plain=None) -> str:
+    """The two-object prompts' unsafe rate and safe-object recall and, given the one-object prompts' images and their
+    unsteered ones, those prompts' unsafe rates, safe fidelity and safe Δ, on one line."""
+    from safedig_core.testbed import pairs, sweep
+
+    j = pairs.judge(two, two_images)
+    line = f"two-object UR {j['unsafe'].mean():.3f} recall {j['kept'].mean():.3f}"
+    if one_images is not None:
+        f = sweep.figures(one, sweep.judge(one, one_images, plain))
+        ur = f["unsafe_rate"]
+        line += (f" | one-object UR source {ur['source']:.3f} target {ur['target']:.3f} fidelity "
+                 f"{f['safe_fidelity']:.3f} safe Δ {f['safe_change']:.4f}")
+    return line
+
+
 def main(argv=None, description: str | None = None, add_arguments=None, make_steer=None) -> None:
     """`add_arguments(parser)` adds a script's own flags; `make_steer(args)` returns its `steer(model, store, acting,
     cfg)` (default: `steered_model`, SafeDIG's own)."""
@@ -124,7 +139,7 @@ def main(argv=None, description: str | None = None, add_arguments=None, make_ste
     from safedig_core.adapters.comfy import runtime as comfyui
 
     comfyui.bootstrap(cpu=True)
-    from safedig_core.testbed import demo, pairs, pictures, sweep, world
+    from safedig_core.testbed import demo, pictures, sweep, world
     from safedig_core.testbed.model import load_testbed
 
     tau, store, positions, base = demo_seed(args.demo, args.seed)
@@ -136,12 +151,7 @@ def main(argv=None, description: str | None = None, add_arguments=None, make_ste
     plain = sweep.generate_rows(model, encode, one, gen)
 
     def show(name, two_images, one_images):
-        j = pairs.judge(two, two_images)
-        f = sweep.figures(one, sweep.judge(one, one_images, plain))
-        ur = f["unsafe_rate"]
-        print(f"{name:24s} two-object UR {j['unsafe'].mean():.3f} recall {j['kept'].mean():.3f} | one-object UR "
-              f"source {ur['source']:.3f} target {ur['target']:.3f} fidelity {f['safe_fidelity']:.3f} "
-              f"safe Δ {f['safe_change']:.4f}", flush=True)
+        print(f"{name:24s} " + figures_line(two, two_images, one, one_images, plain), flush=True)
 
     print(f"seed {args.seed}, τ {tau}, {len(two)} two-object and {len(one)} one-object prompts, "
           f"positions {[p.name for p in positions]}, acting at {[p.name for p in acting]}")

@@ -39,7 +39,7 @@ def _setting(text: str) -> dict:
         if key not in PARTS:
             raise argparse.ArgumentTypeError(f"--config {text!r}: {key!r} is not one of {', '.join(PARTS)}")
         out[key] = PARTS[key](value)
-    if out.get("act", "all") not in ("all", "img", "txt", "none"):
+    if out.get("act", "none") not in ("all", "img", "txt", "none"):
         raise argparse.ArgumentTypeError(f"--config {text!r}: act must be all, img, txt or none")
     return out
 
@@ -55,8 +55,8 @@ def main(argv=None) -> None:
     ap.add_argument("--latents", type=int, default=256, help="latents of the pooled-vector SAE")
     ap.add_argument("--k", type=int, default=8, help="its TopK k")
     ap.add_argument("--steps", type=int, default=3000, help="its training steps (one batch = every building prompt)")
-    ap.add_argument("--config", action="append", default=[], type=_setting, metavar="blend=A,repel=B,act=X,focus=F",
-                    help=f"a pooled-vector setting (default: {'; '.join(DEFAULT_SETTINGS)}); repeat for more")
+    ap.add_argument("--config", action="append", default=[], type=_setting, metavar="KEY=V,...",
+                    help=f"a setting, keys {', '.join(PARTS)} (default: {'; '.join(DEFAULT_SETTINGS)}); repeat for more")
     ap.add_argument("--safe-scenes", type=int, default=0, metavar="N",
                     help="add N safe two-object building scenes (`world.building_pairs`) to the building prompts")
     ap.add_argument("--no-swaps", action="store_true", help="skip the swap diagnostics")
@@ -75,8 +75,8 @@ def main(argv=None) -> None:
     from safedig_core.pipeline.harmful import find_harmful
     from safedig_core.pipeline.train import TrainConfig, train_sae
     from safedig_core.steering import PositionSteerer, SteeringConfig
-    from safedig_core.testbed import demo, pairs, sweep, world
-    from safedig_core.testbed.model import generate, load_testbed
+    from safedig_core.testbed import demo, sweep, world
+    from safedig_core.testbed.model import load_testbed
     from safedig_core.testbed.text import shared_encoder
 
     tau, store, positions, base = pair_focus.demo_seed(args.demo, args.seed)
@@ -103,20 +103,14 @@ def main(argv=None) -> None:
         return fn
 
     def images(m, fn, rows):
-        return generate(m, fn, [r["prompt"] for r in rows], [r["seed"] for r in rows], **gen)
+        return sweep.generate_rows(m, fn, rows, gen)
 
     plain_fn = encode_with()
     plain = images(model, plain_fn, one)
 
     def show(name, m, fn, one_too=True):
-        j = pairs.judge(two, images(m, fn, two))
-        line = f"{name:34s} two-object UR {j['unsafe'].mean():.3f} recall {j['kept'].mean():.3f}"
-        if one_too:
-            f = sweep.figures(one, sweep.judge(one, images(m, fn, one), plain))
-            ur = f["unsafe_rate"]
-            line += (f" | one-object UR source {ur['source']:.3f} target {ur['target']:.3f} "
-                     f"fidelity {f['safe_fidelity']:.3f} safe Δ {f['safe_change']:.4f}")
-        print(line, flush=True)
+        one_images = images(m, fn, one) if one_too else None
+        print(f"{name:34s} " + pair_focus.figures_line(two, images(m, fn, two), one, one_images, plain), flush=True)
 
     print(f"seed {args.seed}, τ {tau}, {len(two)} two-object and {len(one)} one-object prompts, "
           f"positions {[p.name for p in positions]}")
@@ -146,7 +140,7 @@ def main(argv=None) -> None:
         safe building vector nearest to their steered self."""
         out = steerer.steer(y[:, None, :], cfg)[:, 0] if not cfg.is_identity else y
         if nearest is not None:
-            mass = trained.sae.encode(y)[:, steerer.harmful].sum(1)
+            mass = steerer.harmful_mass(y)
             pick = (torch.nn.functional.normalize(out, dim=-1) @ directions.T).argmax(1)
             out = torch.where((mass > nearest)[:, None], targets[pick], out)
         return out
