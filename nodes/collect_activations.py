@@ -53,7 +53,7 @@ class SafeDIGCollectActivations(io.ComfyNode):
                                 tooltip="CSV / TSV / JSONL with prompt,label,category,domain[,seed], or the I2P CSV; "
                                         "a file in ComfyUI's input folder (subfolders allowed)"),
                 io.String.Input("positions", default="all",
-                                tooltip="'all' or a comma list, e.g. input.txt, double.7.img, single.12.img (FLUX) / joint.10.img (SD3)"),
+                                tooltip="'all' or a comma list, e.g. input.txt, input.pooled, double.7.img, single.12.img (FLUX) / joint.10.img (SD3)"),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampler steps per image"),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 63 - 1,
                              tooltip="Noise seed of prompt i is seed + i, unless the prompt file gives a seed"),

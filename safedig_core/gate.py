@@ -11,18 +11,25 @@ detecting positions decide and every acting position of the same model call stee
 - blocks run in `Position.call_order` (FLUX: double blocks, then single blocks; SD3: joint blocks);
 - a block's detectors read its output before any of its positions is steered;
 - an acting position uses the union of the decisions made so far in this call (several detectors: a row
-  is flagged once any of them flags it). A position that runs before every detector would never see a
+  is flagged once any of them flags it). A block position that runs before every detector would never see a
   decision, so `plan` rejects it with a message saying so, rather than silently never steering it;
-- each model call decides afresh: the first detector in call order clears what an earlier call left.
+- the DiT's inputs (`input.txt`, `input.pooled`) run before every block, so they take the decision of the
+  previous model call of the same sampling run (`CarriedDecision`: the prompt does not change between
+  steps); in a run's first call, or when the batch's layout changed, they decide for themselves;
+- each model call decides afresh: the first detector in call order clears what an earlier call left;
+- a position with safe exemplars (`PositionSteerer.targets`) steers cond rows only: the uncond row holds the
+  negative prompt's vector, and moving it toward a safe scene would push the guided image away from that scene.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
-from .positions import Position, parse_list
+from .positions import INPUT_KINDS, Position, parse_list
+from .schedule import chunk_size, half_rows
 from .steering import PositionSteerer, SteeringConfig
 
 STREAM_OF = {"text": "txt", "img": "img"}
@@ -34,6 +41,7 @@ class GatePlan:
     gate), in call order."""
     acting: tuple[Position, ...]
     detectors: tuple[Position, ...] = ()
+    own: tuple[Position, ...] = ()  # acting inputs that run before every detector: each decides for itself
 
     @property
     def shared(self) -> bool:
@@ -61,12 +69,12 @@ def plan(cfg: SteeringConfig, acting: list[Position], available: list[Position])
         found = parse_list(cfg.detect, available)
     found = sorted(found, key=lambda p: (p.call_order, p.stream))
     first = found[0].call_order
-    early = [p for p in acting if p.call_order < first]
+    early = [p for p in acting if p.call_order < first and p.kind not in INPUT_KINDS]
     if early:
         raise ValueError(f"position {early[0]} runs before every detecting position ({', '.join(map(str, found))}) "
                          "in a model call, so it would never see a decision: detect at an earlier position, or "
                          "leave it out of the steered positions")
-    return GatePlan(acting, tuple(found))
+    return GatePlan(acting, tuple(found), tuple(p for p in acting if p.call_order < first))
 
 
 class CallDecision:
@@ -86,14 +94,51 @@ class CallDecision:
         return out
 
 
+class CarriedDecision:
+    """The rows the detectors flagged in the latest model call of a sampling run, per cond/uncond chunk code, for
+    the positions that run before every detector (`GatePlan.own`) in the run's later calls. ComfyUI may run a
+    step's cond and uncond chunks in one call or in several, so each chunk is kept under its code."""
+
+    def __init__(self):
+        self.chunks: dict = {}
+
+    def clear(self) -> None:
+        self.chunks = {}
+
+    def keep(self, rows: Tensor | None, cond_or_uncond: list | None) -> None:
+        if rows is None:
+            return
+        if not cond_or_uncond:
+            self.chunks = {None: rows}
+            return
+        if len(set(cond_or_uncond)) != len(cond_or_uncond):  # several chunks of one kind: which is which is unknown
+            self.clear()
+            return
+        per = chunk_size(rows.shape[0], cond_or_uncond)
+        self.chunks.pop(None, None)
+        self.chunks.update({c: rows[j * per:(j + 1) * per] for j, c in enumerate(cond_or_uncond)})
+
+    def rows_for(self, batch: int, cond_or_uncond: list | None) -> Tensor | None:
+        """The kept decision laid out as a call of `batch` rows and these chunk codes; None when it does not fit."""
+        codes = list(cond_or_uncond) if cond_or_uncond else [None]
+        if batch % len(codes) or len(set(codes)) != len(codes):
+            return None
+        per = batch // len(codes)
+        parts = [self.chunks.get(c) for c in codes]
+        if any(f is None or f.shape[0] != per for f in parts):
+            return None
+        return torch.cat(parts)
+
+
 def steer_block(parts: dict[Position, Tensor], steerers: dict[Position, PositionSteerer], cfg: SteeringConfig,
                 gate: GatePlan, call: CallDecision | None, rows_of: Callable[[Tensor], Tensor | None],
-                cond_or_uncond: list | None = None) -> dict[Position, Tensor]:
+                cond_or_uncond: list | None = None, carried: Tensor | None = None) -> dict[Position, Tensor]:
     """Steer the streams of one block. `parts`: the block's token streams [B, T, d] by position (acting and
     detecting ones); `call`: this model call's decision (needed when `gate.shared`); `rows_of(x)`: the batch
     rows that apply_to allows (None: all); `cond_or_uncond`: the call's chunk codes (0 cond, 1 uncond; None:
-    unknown, each row is its own image). Returns the acting positions' tensors (the same object where nothing
-    changed)."""
+    unknown, each row is its own image); `carried`: the previous call's decision for `gate.own` positions
+    (`CarriedDecision.rows_for`; None: they decide for themselves). Returns the acting positions' tensors (the
+    same object where nothing changed)."""
     flagged = None
     if gate.shared:
         for p in gate.detectors:
@@ -107,7 +152,12 @@ def steer_block(parts: dict[Position, Tensor], steerers: dict[Position, Position
         if p not in gate.acting:
             continue
         rows = rows_of(x)
-        if not gate.shared:
+        if getattr(steerers[p], "targets", None) is not None and cond_or_uncond:
+            cond = half_rows(x.shape[0], cond_or_uncond, "cond").to(x.device)
+            rows = cond if rows is None else rows.to(x.device) & cond
+        if p in gate.own and cfg.image_gate and carried is not None and carried.shape[0] == x.shape[0]:
+            out[p] = steerers[p].steer(x, cfg, rows, flagged=carried.to(x.device))
+        elif not gate.shared or p in gate.own:
             if cfg.image_gate:
                 out[p] = steerers[p].steer(x, cfg, rows, flagged=steerers[p].flag_images(x, cfg, cond_or_uncond))
             else:

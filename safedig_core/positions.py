@@ -6,7 +6,11 @@ FLUX-style `double.{i}.img|txt`, `single.{j}.img|txt`; SD3 MMDiT `joint.{i}.img|
 DiT's text input: the conditioning tokens as the DiT receives them, before its first block and its own text
 projection (FLUX.1: the T5 states, `context_in_dim` wide, 4096 on FLUX.1; Flux.2's left-padded to 512).
 It exists in the families marked `txt_input`; it runs before every block (`call_order`), counts as depth 0
-and block -1 (before block 0), and its width is the layout's `input_width`.
+and block -1 (before block 0), and its width is the layout's `input_width`. `input.pooled` is the pooled text
+vector as the DiT receives it (FLUX.1's CLIP vector `y`, `vec_in_dim` wide, 768 on FLUX.1), which the DiT turns
+into every block's modulation: one token per image, in the text stream, run after `input.txt` and before every
+block, in the families marked `pooled_input` whose layout has a `pooled_width` (not SD3: ComfyUI 0.3.75's MMDiT
+forward has no DIFFUSION_MODEL wrapper to serve it).
 
 A family is a block layout the hooks know, told apart by the model's own class (adapters/comfy/families.py),
 never by its attribute names: Chroma and Flux.2 have FLUX.1's double/single blocks, but their weights, widths
@@ -44,10 +48,11 @@ class Family:
     last_txt_dead: bool = True  # the text output of the last block is never used again (no position there)
     streams: tuple = ("img", "txt")  # the streams a block returns
     txt_input: bool = False  # the DiT's text input (`input.txt`) is a position
+    pooled_input: bool = False  # the DiT's pooled text vector (`input.pooled`) is a position
 
 
 FAMILY_INFO = {
-    "flux": Family("FLUX.1", ("double", "single"), txt_input=True),
+    "flux": Family("FLUX.1", ("double", "single"), txt_input=True, pooled_input=True),
     "chroma": Family("Chroma", ("double", "single"), txt_input=True),
     "flux2": Family("Flux.2", ("double", "single"), txt_input=True),
     "sd3": Family("SD3/SD3.5", ("joint",), last_txt_dead=False),  # its last block computes no text at all
@@ -63,6 +68,8 @@ GROUPS = ("text_binding", "visual_binding", "rendering")
 
 _NAME = re.compile(r"^(double|single|joint)\.(\d+)\.(img|txt)$", re.ASCII)
 INPUT = "input.txt"
+POOLED = "input.pooled"
+INPUT_KINDS = ("input", "pooled")  # the DiT's inputs, served before its blocks by a DIFFUSION_MODEL wrapper
 
 
 class PositionError(ValueError):
@@ -71,13 +78,15 @@ class PositionError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class Position:
-    kind: str  # "double", "single", "joint" or "input"
+    kind: str  # "double", "single", "joint", "input" (text tokens) or "pooled" (the pooled text vector)
     index: int
     stream: str  # "img" or "txt"
 
     @property
     def name(self) -> str:
-        return INPUT if self.kind == "input" else f"{self.kind}.{self.index}.{self.stream}"
+        if self.kind in INPUT_KINDS:
+            return INPUT if self.kind == "input" else POOLED
+        return f"{self.kind}.{self.index}.{self.stream}"
 
     @property
     def family(self) -> str:
@@ -88,22 +97,25 @@ class Position:
         """Whether models of `family` have blocks of this position's kind (or a text input position)."""
         if self.kind == "input":
             return family in FAMILY_INFO and FAMILY_INFO[family].txt_input
+        if self.kind == "pooled":
+            return family in FAMILY_INFO and FAMILY_INFO[family].pooled_input
         return self.kind in FAMILIES.get(family, ())
 
     @property
     def call_order(self) -> tuple[int, int]:
         """Where this position's block runs within one model call: FLUX's double blocks, then its single
-        blocks; SD3's joint blocks in order. Both streams of a block share it; the text input precedes all."""
-        if self.kind == "input":
-            return (-1, 0)
+        blocks; SD3's joint blocks in order. Both streams of a block share it; the text input, then the pooled
+        vector, precede all."""
+        if self.kind in INPUT_KINDS:
+            return (-1, INPUT_KINDS.index(self.kind))
         return (FAMILIES[self.family].index(self.kind), self.index)
 
     @property
     def slot(self) -> tuple[str, int]:
         """The (block_name, index) key of ComfyUI's `patches_replace["dit"]` that serves this position.
-        MMDiT joint blocks are registered as "double_block" by ComfyUI; the text input has SafeDIG's own slot."""
-        if self.kind == "input":
-            return ("input", 0)
+        MMDiT joint blocks are registered as "double_block" by ComfyUI; the inputs have SafeDIG's own slots."""
+        if self.kind in INPUT_KINDS:
+            return (self.kind, 0)
         return ("single_block" if self.kind == "single" else "double_block", self.index)
 
     def __str__(self) -> str:
@@ -113,11 +125,13 @@ class Position:
 def parse(name: str) -> Position:
     if name.strip() == INPUT:
         return Position("input", 0, "txt")
+    if name.strip() == POOLED:
+        return Position("pooled", 0, "txt")
     m = _NAME.match(name.strip())
     if not m:
         raise PositionError(
             f"bad position name {name!r}: expected double.<i>.img|txt or single.<j>.img|txt (FLUX.1, Chroma, "
-            "Flux.2), joint.<i>.img|txt (SD3) or input.txt (the DiT's text input)")
+            "Flux.2), joint.<i>.img|txt (SD3), input.txt (the DiT's text input) or input.pooled (its pooled text vector)")
     return Position(m.group(1), int(m.group(2)), m.group(3))
 
 
@@ -131,6 +145,7 @@ class ModelLayout:
     last_txt_absent: bool = False  # SD3: the last joint block is context-pre-only and outputs no text
     variant: str | None = None  # the exact model config (ComfyUI's supported_models class), e.g. Flux, FluxSchnell
     input_width: int | None = None  # width of `input.txt` (FLUX: context_in_dim); None: not a position here
+    pooled_width: int | None = None  # width of `input.pooled` (FLUX: vec_in_dim); None: not a position here
 
     @property
     def label(self) -> str:
@@ -138,7 +153,7 @@ class ModelLayout:
         return f"{self.family.upper()} ({self.variant})" if self.variant else self.family.upper()
 
     def positions(self) -> list[Position]:
-        out = [p for p in (Position("input", 0, "txt"),) if self.has(p)]
+        out = [p for p in (Position("input", 0, "txt"), Position("pooled", 0, "txt")) if self.has(p)]
         for kind in FAMILIES[self.family]:
             for i in range(self.blocks.get(kind, 0)):
                 for stream in FAMILY_INFO[self.family].streams:
@@ -148,8 +163,8 @@ class ModelLayout:
         return out
 
     def has(self, p: Position) -> bool:
-        if p.kind == "input":
-            return p.belongs(self.family) and self.input_width is not None
+        if p.kind in INPUT_KINDS:
+            return p.belongs(self.family) and self.width_of(p) is not None
         if not p.belongs(self.family) or not 0 <= p.index < self.blocks.get(p.kind, 0):
             return False
         if p.stream not in FAMILY_INFO[self.family].streams:
@@ -167,14 +182,18 @@ class ModelLayout:
         return fam.last_txt_dead or self.last_txt_absent
 
     def width_of(self, p: Position) -> int:
-        if p.kind == "input":
-            return self.input_width
+        if p.kind in INPUT_KINDS:
+            return self.input_width if p.kind == "input" else self.pooled_width
         return self.txt_width if (p.stream == "txt" and self.txt_width) else self.width
 
     def check(self, p: Position) -> None:
-        if p.kind == "input":
+        if p.kind in INPUT_KINDS:
             if not self.has(p):
-                raise PositionError(f"position {p}: SafeDIG does not hook the text input of {self.label} models")
+                what = "text input" if p.kind == "input" else "pooled text vector"
+                if p.belongs(self.family):  # the family has it, this runtime does not serve it
+                    raise PositionError(f"position {p}: this runtime does not hook the {what} of {self.label} models "
+                                        "(ComfyUI does): steer it in ComfyUI, or leave it out of the positions")
+                raise PositionError(f"position {p}: SafeDIG does not hook the {what} of {self.label} models")
             return
         if not p.belongs(self.family):
             raise PositionError(f"position {p} belongs to {p.family.upper()}, but the model is {self.label}")
@@ -242,16 +261,16 @@ def group(p: Position, layout: ModelLayout | None = None) -> str:
 
 def block_number(p: Position, layout: ModelLayout) -> int:
     """The block's place in the whole stack, from 0 (FLUX single blocks follow the double ones); the text
-    input, before block 0, is -1."""
-    if p.kind == "input":
+    inputs, before block 0, are -1."""
+    if p.kind in INPUT_KINDS:
         return -1
     order = FAMILIES[layout.family]
     return sum(layout.blocks.get(k, 0) for k in order[: order.index(p.kind)]) + p.index
 
 
 def depth(p: Position, layout: ModelLayout) -> float:
-    """Relative depth in [0, 1] across the whole stack (the text input: 0)."""
-    if p.kind == "input":
+    """Relative depth in [0, 1] across the whole stack (the inputs: 0)."""
+    if p.kind in INPUT_KINDS:
         return 0.0
     total = sum(layout.blocks.get(k, 0) for k in FAMILIES[layout.family])
     return block_number(p, layout) / max(total - 1, 1)

@@ -17,6 +17,13 @@ Per token x (one row), with code z = E(x) and harmful latents H:
   pre-activations exactly at their safe values (G_AA c = s_A − z_A, G = W_enc[H] W_dec[H]ᵀ), which is
   the plain ablation when encoder and decoder are biorthogonal and stays exact when they are not;
 - Repel (β): x' = x − β Σ_{j∈H} z_j d_j, away from the harmful decoder directions (β > 1 overshoots).
+- Safe exemplars (optional, per position: `targets`, real activations of safe prompts; the dictionary keeps them
+  for `input.pooled`, where one token is a whole prompt): Blend's safe point becomes the exemplar nearest (cosine)
+  to x_safe, x' = x + α (t − x), and Repel acts on the part (1 − α) of x that Blend leaves. Under the per-image
+  gate every token of a flagged image moves, whether its own harmful latents fire or not (the decision may come
+  from a detector elsewhere, which reads the risk better than a pooled vector's SAE). Removing the harmful
+  latents from a pooled sentence vector leaves a sentence with a hole ("a tree next to ..."); a safe prompt's own
+  vector is a sentence the model was trained on.
 Both act on the space the encoder sees (scaled; per-token normalised where the SAE asks for it, the shift then
 mapped back with that token's own factor: `SparseAutoencoder.shift_to_input`) and touch only the active
 harmful decoder rows.
@@ -136,7 +143,7 @@ class PositionSteerer:
     model's device and dtype (`to`)."""
 
     def __init__(self, sae: SparseAutoencoder, harmful: Tensor, safe_values: Tensor | None = None,
-                 gate_scale: float = 1.0, image_gate_scale: float | None = None):
+                 gate_scale: float = 1.0, image_gate_scale: float | None = None, targets: Tensor | None = None):
         self.sae = sae.requires_grad_(False)  # master weights, as loaded
         self.gate_scale = float(gate_scale)  # τ is measured in this unit of harmful mass
         # the per-image gate's unit (max of the mass over an image's tokens); dictionaries made before it
@@ -145,6 +152,10 @@ class PositionSteerer:
         self.harmful = harmful.long()
         h = len(self.harmful)
         self.safe_values = torch.zeros(h) if safe_values is None else safe_values.float()
+        if targets is not None and (targets.dim() != 2 or targets.shape[1] != sae.d or targets.shape[0] == 0):
+            raise ValueError(f"safe exemplars must be [count ≥ 1, {sae.d}], got shape {list(targets.shape)}")
+        self.targets = None if targets is None else targets.detach().float()  # [N, d], unscaled input space
+        self._targets = None  # (targets, their unit vectors) on the device last used
         self._cache: dict = {}
 
     @property
@@ -266,7 +277,10 @@ class PositionSteerer:
             cand = None
         sub = flat if cand is None else flat[cand]
         floor = 0.0 if cfg.image_gate else cfg.threshold * self.gate_scale  # flagged images: any harmful activity
-        if cfg.image_gate and cfg.focus > 0:
+        if cfg.image_gate and cfg.blend and self.targets is not None:  # a flagged vector becomes an exemplar
+            z_H = self.harmful_codes(sae, sae.prepare(sub), lookup)
+            gated = torch.arange(sub.shape[0], device=x.device)
+        elif cfg.image_gate and cfg.focus > 0:
             z_H = self.harmful_codes(sae, sae.prepare(sub), lookup)
             gated = _focused(z_H.sum(-1).float(), flat.shape[0] // rows.shape[0], cfg.focus)
             z_H = z_H[gated]
@@ -289,9 +303,16 @@ class PositionSteerer:
         old = flat[token]
         z_H = z_H.float()
         delta = self._sum_rows(z_H, D_H, -cfg.repel) if cfg.repel else 0.0  # scaled space, [G, d]
-        if cfg.blend:
-            delta = delta + cfg.blend * self._blend_shift(sae, sae.prepare(old), z_H, lookup, D_H, gram, safe, cfg)
-        new = old + sae.shift_to_input(delta, old).to(x.dtype)
+        if cfg.blend and self.targets is not None:
+            x_safe = old.float() + sae.shift_to_input(
+                self._blend_shift(sae, sae.prepare(old), z_H, lookup, D_H, gram, safe, cfg), old).float()
+            t = self.nearest_target(x_safe)
+            kept = (1.0 - cfg.blend) * sae.shift_to_input(delta, old).float() if cfg.repel else 0.0
+            new = (torch.lerp(old.float(), t, cfg.blend) + kept).to(x.dtype)  # lerp: t itself at α = 1
+        else:
+            if cfg.blend:
+                delta = delta + cfg.blend * self._blend_shift(sae, sae.prepare(old), z_H, lookup, D_H, gram, safe, cfg)
+            new = old + sae.shift_to_input(delta, old).to(x.dtype)
         if cfg.preserve_norm:
             n_old = old.float().norm(dim=-1, keepdim=True)
             n_new = new.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -299,6 +320,14 @@ class PositionSteerer:
         out = flat.clone()
         out[token] = new
         return out.reshape(x.shape)
+
+    def nearest_target(self, x: Tensor) -> Tensor:
+        """The safe exemplar nearest (cosine) to each row of x [G, d] → [G, d] float32."""
+        if self._targets is None or self._targets[0].device != x.device:
+            t = self.targets.to(x.device)
+            self._targets = (t, F.normalize(t, dim=-1))
+        t, unit = self._targets
+        return t[(F.normalize(x.float(), dim=-1) @ unit.T).argmax(-1)]
 
     def _blend_shift(self, sae, xs, z_H, lookup, D_H, gram, safe, cfg) -> Tensor:
         """x_safe − x in scaled space. Moving along the harmful decoder rows can wake other harmful latents

@@ -11,10 +11,12 @@ evaluation prompts the unsafe rates and safe fidelity, for:
 - a TopK SAE trained on the pooled vectors of the seed's building prompts (the only pooled data the building side
   has: one vector per prompt), its harmful latents found as `safedig build` finds them, and Blend / Repel applied to
   the cond prompts' pooled vectors (every prompt: the edit is a no-op where no harmful latent fires), alone or with
-  SafeDIG's own steering at the demo's positions (`act=` all, `img` or `txt` ones; `focus=` SafeDIG's focus,
-  `steer_repel=` its Repel strength instead of the demo's);
+  SafeDIG's own steering at the demo's positions (`act=` all, `img` or `txt` ones, or names joined by `+`; never
+  `input.pooled`, which this script edits itself; `focus=` SafeDIG's focus, `steer_repel=` its Repel strength
+  instead of the demo's, `detect=` its detecting positions joined by `+`);
   `nearest=G`: where the pooled vector's harmful mass (the SAE's raw units) exceeds G, the steered vector is then
   replaced by the nearest (cosine) pooled vector of a safe building prompt, a safe scene's vector as Blend's target
+  (`knn=K`: the mean of the K nearest ones)
   (`--safe-scenes N` adds safe two-object scenes to the building prompts, hence to the SAE's data and the candidates).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ import pair_focus  # noqa: E402
 
 from safedig_core.testbed import kernels  # noqa: E402
 
-PARTS = {"blend": float, "repel": float, "act": str, "focus": float, "nearest": float, "steer_repel": float}
+PARTS = {"blend": float, "repel": float, "act": str, "focus": float, "nearest": float, "steer_repel": float,
+         "detect": str, "knn": int}
 
 
 def _setting(text: str) -> dict:
@@ -39,8 +42,10 @@ def _setting(text: str) -> dict:
         if key not in PARTS:
             raise argparse.ArgumentTypeError(f"--config {text!r}: {key!r} is not one of {', '.join(PARTS)}")
         out[key] = PARTS[key](value)
-    if out.get("act", "none") not in ("all", "img", "txt", "none"):
-        raise argparse.ArgumentTypeError(f"--config {text!r}: act must be all, img, txt or none")
+    act = out.get("act", "none")
+    if act not in ("all", "img", "txt", "none") and not all("." in n for n in act.split("+")):
+        raise argparse.ArgumentTypeError(f"--config {text!r}: act must be all, img, txt, none or position names "
+                                         "joined by + (input.txt+double.0.txt)")
     return out
 
 
@@ -135,27 +140,28 @@ def main(argv=None) -> None:
     targets = pooled[[r["label"] == "safe" for r in build]]  # `nearest`'s candidates: the safe building scenes
     directions = torch.nn.functional.normalize(targets, dim=-1)
 
-    def edit(y, cfg, nearest):
+    def edit(y, cfg, nearest, knn=1):
         """Blend / Repel on pooled vectors y [B, d]; with `nearest`, those whose harmful mass exceeds it become the
-        safe building vector nearest to their steered self."""
+        safe building vector nearest to their steered self (the mean of the `knn` nearest ones)."""
         out = steerer.steer(y[:, None, :], cfg)[:, 0] if not cfg.is_identity else y
         if nearest is not None:
             mass = steerer.harmful_mass(y)
-            pick = (torch.nn.functional.normalize(out, dim=-1) @ directions.T).argmax(1)
-            out = torch.where((mass > nearest)[:, None], targets[pick], out)
+            pick = (torch.nn.functional.normalize(out, dim=-1) @ directions.T).topk(knn, dim=1).indices
+            out = torch.where((mass > nearest)[:, None], targets[pick].mean(1), out)
         return out
 
     for s in settings:
         cfg = SteeringConfig(blend=s.get("blend", 0.0), repel=s.get("repel", 0.0))
-        gate = s.get("nearest")
+        gate, knn = s.get("nearest"), s.get("knn", 1)
         act = s.get("act", "none")
         m = model
         if act != "none":
-            acting = [p for p in positions if act == "all" or p.stream == act]
-            own = base.with_(focus=s.get("focus", 0.0))
+            names = act.split("+")
+            acting = [p for p in positions if p.kind != "pooled" and (act == "all" or p.stream == act or p.name in names)]
+            own = base.with_(focus=s.get("focus", 0.0), **({"detect": s["detect"].replace("+", ",")} if "detect" in s else {}))
             m = comfyui.steer_model(model, store, acting, own.with_(repel=s.get("steer_repel", own.repel)))
         show(" ".join(f"{k} {v}" for k, v in s.items()), m,
-             encode_with(edit=lambda y, cfg=cfg, gate=gate: edit(y, cfg, gate)))
+             encode_with(edit=lambda y, cfg=cfg, gate=gate, knn=knn: edit(y, cfg, gate, knn)))
 
 
 if __name__ == "__main__":

@@ -68,11 +68,12 @@ def test_rows_tokens_and_pooled_means(models, tmp_path, family):
     full = {i: full_run(r, recs[i], i, 7, r.layout.positions()) for i in (0, 3)}
     for name in names:
         batch = next(s.iter_batches(name, 10 ** 6))
-        assert len(batch.x) == len(recs) * BUDGET * len(WANT_STEPS)  # budget × recorded steps per prompt
+        kept = 1 if name == "input.pooled" else BUDGET  # the pooled text vector is one token per image
+        assert len(batch.x) == len(recs) * kept * len(WANT_STEPS)  # budget × recorded steps per prompt
         for i in range(len(recs)):
             for step in WANT_STEPS:
                 sel = (batch.prompt == i) & (batch.step == step)
-                assert int(sel.sum()) == BUDGET and len(set(batch.token[sel].tolist())) == BUDGET
+                assert int(sel.sum()) == kept and len(set(batch.token[sel].tolist())) == kept
         pooled = s.pooled(name)
         assert pooled.prompt.tolist() == [i for i in range(5) for _ in WANT_STEPS]
         assert pooled.step.tolist() == WANT_STEPS * 5

@@ -88,6 +88,7 @@ def test_family_and_variant_come_from_the_model_class(models, name):
     blocks = BLOCKS.get(name, {"double": 2, "single": 2})
     assert (layout.family, layout.variant, layout.width, layout.blocks) == (family, variant, width_of(name), blocks)
     text_input = ["input.txt"] if family in ("flux", "chroma", "flux2") else []
+    text_input += ["input.pooled"] if family == "flux" else []
     assert [str(p) for p in layout.positions()] == text_input + [
         f"{k}.{i}.{s}" for k in blocks for i in range(blocks[k]) for s in ("img", "txt")
         if s == "img" or (family != "wan" and not (k == list(blocks)[-1] and i == blocks[k] - 1))]

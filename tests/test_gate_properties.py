@@ -13,7 +13,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from test_steering_properties import FAST, cases, rows_of, strengths
 
-from safedig_core.gate import CallDecision, GatePlan, plan, steer_block
+from safedig_core.gate import CallDecision, CarriedDecision, GatePlan, plan, steer_block
 from safedig_core.positions import ModelLayout, parse
 from safedig_core.schedule import half_rows
 from safedig_core.steering import PositionSteerer, SteeringConfig
@@ -286,6 +286,50 @@ def test_a_call_refuses_a_batch_the_detectors_did_not_see():
     with pytest.raises(ValueError, match="batch of 3 rows"):
         steer_block({a: torch.randn(3, 4, 16)}, steerers, IMAGE.with_(detect="text"), GatePlan((a,), (d,)),
                     call, lambda t: None)
+
+
+@FAST
+@given(codes=st.sampled_from([[0, 1], [1, 0], [0], [1]]), per=st.integers(1, 4), data=st.data())
+def test_a_carried_decision_follows_each_chunk_into_the_next_call(codes, per, data):
+    """The DiT's inputs take the previous call's decision: each cond/uncond chunk's rows under its code, whatever
+    order or split the next call has; a batch it does not fit gets none."""
+    rows = data.draw(bools(len(codes) * per))
+    carried = CarriedDecision()
+    carried.keep(rows, codes)
+    assert torch.equal(carried.rows_for(len(rows), codes), rows)
+    chunk = {c: rows[j * per:(j + 1) * per] for j, c in enumerate(codes)}
+    flipped = codes[::-1]
+    assert torch.equal(carried.rows_for(len(rows), flipped), torch.cat([chunk[c] for c in flipped]))
+    assert carried.rows_for(len(rows) + len(codes), codes) is None
+    if len(codes) == 1:  # the other half was never seen: no decision for a call that holds it
+        assert carried.rows_for(2 * per, [0, 1]) is None
+        other = data.draw(bools(per))
+        carried.keep(other, [1 - codes[0]])  # ComfyUI ran the other half in a call of its own
+        both = {codes[0]: rows, 1 - codes[0]: other}
+        assert torch.equal(carried.rows_for(2 * per, [0, 1]), torch.cat([both[0], both[1]]))
+    carried.keep(data.draw(bools(3 * per)), [0, 0, 1])  # two cond chunks: which is which is not known
+    assert carried.rows_for(len(rows), codes) is None
+    carried.keep(rows, None)
+    assert torch.equal(carried.rows_for(len(rows), None), rows) and carried.rows_for(len(rows), codes) is None
+
+
+@FAST
+@given(case=cases(acts=("relu",)), ab=strengths(), order=st.sampled_from([[0, 1], [1, 0]]), data=st.data())
+def test_inputs_steer_on_the_carried_decision_and_exemplars_only_cond_rows(case, ab, order, data):
+    sae, harmful, x = case
+    assume(x.shape[0] % 2 == 0)
+    pooled, text = parse("input.pooled"), parse("double.0.txt")
+    targets = torch.randn(3, x.shape[-1])
+    steerers = {pooled: PositionSteerer(sae, harmful, targets=targets), text: PositionSteerer(sae, harmful)}
+    gate = GatePlan((pooled, text), (text,), (pooled,))
+    cfg = IMAGE.with_(blend=max(ab[0], 0.1), repel=ab[1])
+    carried = data.draw(bools(x.shape[0]))
+    out = steer_block({pooled: x}, steerers, cfg, gate, CallDecision(), lambda t: None, order, carried)
+    cond = half_rows(x.shape[0], order, "cond")
+    assert torch.equal(out[pooled], steerers[pooled].steer(x, cfg, cond, flagged=carried))
+    moved = (out[pooled] != x).flatten(1).any(1)
+    assert not (moved & ~(carried & cond)).any()  # only flagged cond rows move, every token of them
+    assert moved[carried & cond].all()
 
 
 # ------------------------------------------------------------------------------------------ the gate units

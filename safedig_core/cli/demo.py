@@ -10,7 +10,8 @@ def run_demo(args) -> None:
     kernels.choose(args.native_kernels)  # before the first tensor operation
     from ..testbed import demo
 
-    demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads, pair_scenes=args.pair_scenes)
+    demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads, pair_scenes=args.pair_scenes,
+             pooled=args.pooled)
 
 
 def run_tiny_demo(args) -> None:
@@ -36,6 +37,10 @@ def add_cli(sub) -> None:
     p.add_argument("--pair-scenes", action="store_true",
                    help="also build the dictionary from two-object scenes and steer with focus 0.5 (measured, not "
                         "the default: docs/METHOD_NOTES.md)")
+    p.add_argument("--pooled", action="store_true",
+                   help="also steer the pooled text vector (input.pooled): a flagged prompt's becomes the nearest "
+                        "safe building prompt's, and SafeDIG steers at the text positions and there only "
+                        "(measured, not the default: docs/METHOD_NOTES.md)")
     p.set_defaults(run=run_demo)
     p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")
     p.add_argument("--out", default="out/tiny-demo", type=A.output_dir, help="folder for the dictionary it writes")

@@ -7,7 +7,9 @@ Layout (format version 1):
   width, latents, k, activation, scale, harmful = [[latent, score], ...], optional safe_values,
   gate_scale (the unit of the steering threshold τ, default 1), optional image_gate_scale (the unit of τ
   under the per-image gate; absent: gate_scale), metrics, and normalize (per-token input normalisation of
-  converted SAEs, default "none")), `steering_defaults` and `provenance`.
+  converted SAEs, default "none"), optional safe_targets (the count N of the tensor `<position>.safe_targets
+  [N, d]`: activations of safe prompts that Blend moves to, see steering.py)), `steering_defaults` and
+  `provenance`.
 Loading reads only the safetensors header and tensors: nothing is ever unpickled. Every problem is a
 `DictionaryError` whose message names the file and what is wrong. A file is treated as hostile until checked:
 the header and its metadata are bounded in size and nesting before they are parsed, every declared size is
@@ -47,6 +49,7 @@ MAX_METADATA_BYTES = 16 << 20  # the 'safedig' metadata string
 MAX_NESTING = 32  # JSON depth of the metadata
 MAX_WIDTH = 1 << 16  # activation width d
 MAX_LATENTS = 1 << 22  # latents L per position
+MAX_TARGETS = 1 << 20  # safe exemplars N per position
 MAX_MATRIX = 1 << 30  # L·d elements of one matrix (4 GiB in float32)
 # Values that still give finite steering in float32 (and bfloat16): trained SAEs have O(1) weights, scales
 # of about 1/‖x‖·√d and safe values of the order of their latents' activations.
@@ -69,11 +72,12 @@ class DictionaryEntry:
     metrics: dict = field(default_factory=dict)
     gate_scale: float = 1.0  # unit of the steering threshold τ (harmful mass); see steering.py
     image_gate_scale: float | None = None  # unit of τ for the per-image gate (None: gate_scale); see gate.py
+    safe_targets: torch.Tensor | None = None  # [N, d] safe exemplars Blend moves to (None: the safe reconstruction)
 
     def steerer(self) -> PositionSteerer:
         safe = None if self.safe_values is None else torch.tensor(self.safe_values, dtype=torch.float32)
         return PositionSteerer(self.sae, torch.tensor(self.harmful, dtype=torch.long), safe, self.gate_scale,
-                               self.image_gate_scale)
+                               self.image_gate_scale, self.safe_targets)
 
 
 @dataclass
@@ -121,6 +125,8 @@ def _metadata(d: SafetyDictionary) -> dict:
             meta["image_gate_scale"] = float(e.image_gate_scale)
         if s.normalize != "none":
             meta["normalize"] = s.normalize
+        if e.safe_targets is not None:
+            meta["safe_targets"] = int(e.safe_targets.shape[0])
         if e.metrics:
             meta["metrics"] = e.metrics
         positions[p.name] = meta
@@ -137,6 +143,11 @@ def save(d: SafetyDictionary, path: str, dtype: torch.dtype = torch.float32) -> 
             raise DictionaryError(f"{path}: position {p} has {len(e.harmful)} harmful latents but {len(e.scores)} scores")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ()):
             tensors[f"{p}.{name}"] = getattr(e.sae, name).detach().to("cpu", dtype).contiguous()
+        if e.safe_targets is not None:
+            if e.safe_targets.dim() != 2 or e.safe_targets.shape[1] != e.sae.d:
+                raise DictionaryError(f"{path}: position {p} has safe targets of shape {list(e.safe_targets.shape)}, "
+                                      f"expected [count, {e.sae.d}]")
+            tensors[f"{p}.safe_targets"] = e.safe_targets.detach().to("cpu", dtype).contiguous()
     with replacing(path) as tmp:
         mode = os.stat(tmp).st_mode & 0o777  # the umask's: save_file would leave its own 0600
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(_metadata(d))})
@@ -324,9 +335,17 @@ def load(path: str) -> SafetyDictionary:
                 _fail(path, f"position {p}: 'metrics' must be a JSON object")
             gate = _number(pm, "gate_scale", "gate unit", path, p, 1.0, *GATE_RANGE)
             image_gate = _unit(pm, "image_gate_scale", None, path, p)
-            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, gate, image_gate)
+            targets = None
+            if pm.get("safe_targets") is not None:
+                n = _int(pm, "safe_targets", path, p, hi=MAX_TARGETS)
+                if n * d > MAX_MATRIX:
+                    _fail(path, f"position {p}: {n} safe targets × width {d} is over the limit of {MAX_MATRIX} values")
+                _check_slice(f, path, f"{p}.safe_targets", (n, d))
+                targets = _tensor(f, path, f"{p}.safe_targets").float()
+            entries[p] = DictionaryEntry(p, sae, idx, scores, safe, metrics, gate, image_gate, targets)
     known = {f"{p}.{n}" for p, e in entries.items()
-             for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())}
+             for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if e.sae.activation == "jumprelu" else ())
+             + (("safe_targets",) if e.safe_targets is not None else ())}
     extra = sorted(meta["_keys"] - known)
     if extra:
         stray = next((p for p in entries if extra[0] == f"{p}.threshold"), None)
@@ -372,6 +391,8 @@ def summary(d: SafetyDictionary, path: str = "") -> str:
             lines.append(f"      input normalisation: {s.normalize}")
         if e.image_gate_scale is not None:
             lines.append(f"      per-image gate unit: {e.image_gate_scale:.4g}")
+        if e.safe_targets is not None:
+            lines.append(f"      Blend's targets: {e.safe_targets.shape[0]} safe exemplars")
         scalars = {k: v for k, v in e.metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         if scalars:  # per-category lists stay in the file's metadata; the summary shows the headline numbers
             lines.append("      metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -47,6 +47,12 @@ class BuildConfig:
     # image's tokens (per prompt and step) for the per-image gate (None: 1 and no per-image unit)
     gate_quantile: float | None = 0.99
     steering_defaults: dict = field(default_factory=lambda: {"blend": 1.0, "repel": 1.0, "threshold": 1.0})
+    # the pooled text vector (`input.pooled`), where the store holds it, is not routed (one vector per prompt) but
+    # added to the routed positions (False: left out)
+    pooled: bool = True
+    # at the pooled text vector (`input.pooled`): Blend's targets are the vectors of up to this many safe prompts
+    # of the store, either domain (0: the SAE's safe reconstruction, as at every other position)
+    safe_exemplars: int = 4096
 
 
 def store_fingerprint(store) -> str:
@@ -127,10 +133,12 @@ def _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, d
         selected = list(cfg.positions)
         report = None
     else:
-        report = routing.route(store, cfg.top_k, cfg.routing)
+        names = [str(n) for n in store.positions]
+        pooled = [n for n in names if parse(n).kind == "pooled"]
+        report = routing.route(store, cfg.top_k, cfg.routing, positions=[n for n in names if n not in pooled])
         if ranks.main:
             report.save(work_dir)
-        selected = report.selected
+        selected = report.selected + (pooled if cfg.pooled else [])
     positions = [parse(n) for n in selected]
 
     source_dict = os.path.join(work_dir, SOURCE_DICTIONARY)
@@ -161,6 +169,10 @@ def _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, d
         for p, e in d.entries.items():
             e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), cfg.gate_quantile)
             e.metrics["gate_scale"], e.metrics["image_gate_scale"] = e.gate_scale, e.image_gate_scale
+    for p, e in d.entries.items():
+        if p.kind == "pooled" and cfg.safe_exemplars:
+            e.safe_targets = safe_exemplars(store, p, cfg.safe_exemplars)
+            e.metrics["safe_targets"] = int(e.safe_targets.shape[0]) if e.safe_targets is not None else 0
     d.steering_defaults = dict(cfg.steering_defaults)
     d.variant = (getattr(store, "config", {}).get("runner") or {}).get("variant")  # the model config it was made on
     d.provenance = dict(d.provenance, **provenance, adapted=bool(adapted),
@@ -188,6 +200,19 @@ def gate_units(store, p, steerer, quantile: float, max_batches: int = 64) -> tup
         tokens[name] = torch.cat(mass) if mass else torch.zeros(0)
         images[name] = _image_max(tokens[name], torch.cat(prompt), torch.cat(step)) if mass else torch.zeros(0)
     return _unit(tokens, quantile), _unit(images, quantile)
+
+
+def safe_exemplars(store, p, limit: int):
+    """One vector per safe prompt of the store (either domain) at `p`, its mean over the recorded steps, at most
+    `limit` of them (the first ones); None when the store has no safe prompt."""
+    safe = [i for i, r in enumerate(store.prompts) if r.label == "safe"][:limit]
+    if not safe:
+        return None
+    pooled = store.pooled(p, prompts=safe)
+    _, group = torch.unique(pooled.prompt, return_inverse=True)
+    count = torch.zeros(int(group.max()) + 1).index_add_(0, group, torch.ones(len(group)))
+    sums = torch.zeros(len(count), pooled.x.shape[1]).index_add_(0, group, pooled.x)
+    return sums / count[:, None]
 
 
 def _image_max(mass, prompt, step):

@@ -61,6 +61,9 @@ SIZES = {  # "full" is the default run: three seeds in about ten minutes on two 
               "grid": (1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (),
               "pairs_per_category": 3},
 }
+# `--pooled`: the pooled text vector is collected too; SafeDIG steers at the text positions and there, where the
+# pooled vector of a flagged prompt becomes the nearest safe building prompt's (docs/METHOD_NOTES.md)
+POOLED = {"pooled": True, "act": "txt"}
 # `--pair-scenes` (measured, not the default: docs/METHOD_NOTES.md): the dictionary is also built from two-object
 # building scenes (`world.building_pairs`) and SafeDIG steers with `focus`
 PAIR_SCENES = {"full": {"build_pairs": {"safe": 16, "per_category": 6}, "focus": 0.5},
@@ -79,10 +82,11 @@ def _records(rows: list[dict]) -> list[PromptRecord]:
                          {"concept": r["concept"]}) for i, r in enumerate(rows)]
 
 
-def block_positions(model) -> list:
-    """Every block position of the testbed DiT (its text input, `input.txt`, is left out: the demo's figures
-    were measured over the block positions; routing among the text input is not measured yet)."""
-    return [p for p in comfyui.layout_of(model).positions() if p.kind != "input"]
+def block_positions(model, pooled: bool = False) -> list:
+    """Every block position of the testbed DiT (its text input, `input.txt`, is left out: detecting there was
+    measured and lost to `double.0.txt`, docs/METHOD_NOTES.md), and with `pooled` its pooled text vector
+    `input.pooled`, which `build` adds to the routed positions."""
+    return [p for p in comfyui.layout_of(model).positions() if p.kind != "input" and (pooled or p.kind != "pooled")]
 
 
 def steering(size: dict) -> SteeringConfig:
@@ -162,7 +166,8 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     # 1. collect, exactly as `safedig collect` does for FLUX
     runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=CFG_SCALE, latent_shape=(3, world.SIZE, world.SIZE),
                          name="safedig-testbed")
-    res = collect(runner, _records(build_rows), block_positions(model), os.path.join(work, "store"), size["steps"],
+    res = collect(runner, _records(build_rows), block_positions(model, size.get("pooled", False)),
+                  os.path.join(work, "store"), size["steps"],
                   RECORD_STEPS, size["budget"], seed)
     store = ActivationStore(res.path)
     lap("collect")
@@ -180,7 +185,7 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
                         progress=False, overwrite=True)
         lap("build")
         variants = variants_mod.make(store, dict_path, summary, work, tcfg, acfg, steering(size), size["grid"],
-                                     size["dense_grid"])
+                                     size["dense_grid"], size.get("act", "all"))
         lap("ablation dictionaries")
     finally:
         torch.set_num_threads(threads or before)
@@ -343,14 +348,16 @@ def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
 
 
 def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: int | None = None,
-        threads: int | None = None, log=print, pair_scenes: bool = False) -> dict:
+        threads: int | None = None, log=print, pair_scenes: bool = False, pooled: bool = False) -> dict:
     """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
     pictures to `out_dir`, returns the report. `pair_scenes`: build from two-object scenes too and steer with
-    focus (`PAIR_SCENES`)."""
+    focus (`PAIR_SCENES`); `pooled`: steer the pooled text vector too (`POOLED`)."""
     t0 = time.time()
     size = SIZES["quick" if quick else "full"]
     if pair_scenes:
         size = size | PAIR_SCENES["quick" if quick else "full"]
+    if pooled:
+        size = size | POOLED
     n = seeds or size["seeds"]
     if threads:
         torch.set_num_threads(threads)
@@ -403,6 +410,7 @@ def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: in
                      "build_fidelity_margin": BUILD_MARGIN, "max_fidelity_drop": MAX_FIDELITY_DROP,
                      "steering": {"blend": STEER.blend, "repel": STEER.repel, "gate": STEER.gate,
                                   "focus": steering(size).focus, "pair_scenes": pair_scenes,
+                                  "pooled": pooled, "act": size.get("act", "all"),
                                   "detect_per_seed": [s["info"]["gate"]["detect"] for s in per_seed],
                                   "threshold": agg["operating_point"]["steered"]["per_seed"]}},
         "environment": report_mod.environment(threads),

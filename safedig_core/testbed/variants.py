@@ -14,10 +14,10 @@ from ..adapters.comfy.patches import SharedSteerers
 from ..evaluation.baselines import DiffMeansSteerer, WordFilter
 from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
 from ..formats.store import ActivationStore
-from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_units
+from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_units, safe_exemplars
 from ..pipeline.harmful import find_harmful
 from ..pipeline.train import TrainConfig, train_sae
-from ..positions import parse
+from ..positions import INPUT_KINDS, parse
 from ..steering import SteeringConfig
 from .sweep import Variant
 
@@ -47,23 +47,30 @@ def full_retrain(store: ActivationStore, positions: list[str], work: str, tcfg: 
 
 
 def calibrated(store: ActivationStore, path: str) -> str:
-    """A copy of dictionary `path` whose gate unit is set by the same rule as `safedig build`'s."""
+    """A copy of dictionary `path` whose gate unit, and safe exemplars at `input.pooled`, are set by the same rules
+    as `safedig build`'s."""
     d = load(path)
+    rules = BuildConfig()
     for p, e in d.entries.items():
-        e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), BuildConfig().gate_quantile)
+        e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), rules.gate_quantile)
+        if p.kind == "pooled":
+            e.safe_targets = safe_exemplars(store, p, rules.safe_exemplars)
     out = os.path.splitext(path)[0] + ".gated.safetensors"
     save(d, out)
     return out
 
 
 def with_detector(cfg: SteeringConfig, positions: list) -> SteeringConfig:
-    """Under the per-image gate, decide at the earliest routed text position (text positions separate risk
-    best, issue 13's prototype) when no steered position runs before it; else each position decides itself.
-    Every routed position detecting (the union) was measured and lost: docs/METHOD_NOTES.md."""
+    """Under the per-image gate, decide at the earliest routed text block position (text positions separate risk
+    best, issue 13's prototype) when no steered block position runs before it; else each position decides
+    itself. The DiT's inputs (`input.txt`, `input.pooled`), before every block, decide for themselves
+    (`gate.plan`); detecting at `input.txt` was measured and lost to `double.0.txt` (docs/METHOD_NOTES.md), as
+    did every routed position detecting (the union)."""
     if not cfg.image_gate:
         return cfg
-    text = sorted((p for p in positions if p.stream == "txt"), key=lambda p: p.call_order)
-    if text and not any(p.call_order < text[0].call_order for p in positions):
+    blocks = [p for p in positions if p.kind not in INPUT_KINDS]
+    text = sorted((p for p in blocks if p.stream == "txt"), key=lambda p: p.call_order)
+    if text and not any(p.call_order < text[0].call_order for p in blocks):
         return cfg.with_(detect=text[0].name)
     return cfg.with_(detect="each")
 
@@ -74,9 +81,12 @@ def word_filter(build_rows: list[dict]) -> WordFilter:
 
 
 def make(store: ActivationStore, dict_path: str, summary: dict, work: str, tcfg, acfg, steer: SteeringConfig,
-         grid: tuple, strength_grid: tuple) -> list[Variant]:
-    """SafeDIG ("steered") and the steered ablations, in report order."""
+         grid: tuple, strength_grid: tuple, act: str = "all") -> list[Variant]:
+    """SafeDIG ("steered") and the steered ablations, in report order. `act`: "all" routed positions steer, or
+    only those of one stream ("txt": the text positions and the pooled vector; the image positions then
+    neither act nor detect)."""
     routed, best_fixed = summary["positions"], summary["routing"]["best_fixed"]
+    acting = [n for n in routed if act == "all" or parse(n).stream == act]
     if best_fixed in routed:  # training and adaptation are per position and seeded alike: the same SAE
         fixed = dictionary_store(dict_path, [best_fixed])
     else:
@@ -84,15 +94,15 @@ def make(store: ActivationStore, dict_path: str, summary: dict, work: str, tcfg,
         build(store, fixed_path, BuildConfig(positions=[best_fixed], train=tcfg, adapt=acfg),
               os.path.join(work, "fixed"), progress=False, overwrite=True)
         fixed = dictionary_store(fixed_path)
-    retrain = dictionary_store(calibrated(store, full_retrain(store, routed, os.path.join(work, "build"), tcfg)))
-    source = dictionary_store(calibrated(store, os.path.join(work, "build", SOURCE_DICTIONARY)))
+    retrain = dictionary_store(calibrated(store, full_retrain(store, routed, os.path.join(work, "build"), tcfg)), acting)
+    source = dictionary_store(calibrated(store, os.path.join(work, "build", SOURCE_DICTIONARY)), acting)
     src = [i for i, r in enumerate(store.prompts) if r.domain == "source"]
     dense = {}
     for name in routed:
         p = parse(name)
         dense[p] = DiffMeansSteerer.from_batches(store.iter_batches(p, 4096, prompts=src),
                                                  lambda i: store.prompts[i].label == "unsafe")
-    main = dictionary_store(dict_path)
+    main = dictionary_store(dict_path, acting)
 
     def gated(name, st, cfg):
         return Variant(name, st[0], st[1], with_detector(cfg, st[1]), "threshold", grid)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import weakref
 
-from ...positions import FAMILY_INFO, ModelLayout
+from ...positions import FAMILY_INFO, INPUT_KINDS, ModelLayout
 from .patches import TOKEN_LAYOUT
 
 # (model_base class name, family), most specific first: isinstance(Chroma(), Flux) holds
@@ -113,7 +113,8 @@ def layout_of(model) -> ModelLayout:
         return ModelLayout(family, {"double": len(dm.double_stream_blocks), "single": len(dm.single_stream_blocks)},
                            dm.inner_dim, variant=variant)
     return ModelLayout(family, {"double": len(dm.double_blocks), "single": len(dm.single_blocks)},
-                       dm.params.hidden_size, variant=variant, input_width=dm.params.context_in_dim)
+                       dm.params.hidden_size, variant=variant, input_width=dm.params.context_in_dim,
+                       pooled_width=getattr(dm.params, "vec_in_dim", None) if hasattr(dm, "vector_in") else None)
 
 
 # spatial downscale of the VAEs whose ComfyUI 0.3.75 latent format does not say it (newer ComfyUI's latent
@@ -146,10 +147,10 @@ def token_layout_wrapper(family: str):
 
 def patch_key(family: str, slot: tuple) -> str:
     """The `patches_replace` key a block patch at `slot` goes under: ComfyUI's "dit", or SafeDIG's own where
-    `shim.BlockSlot` gives the blocks the protocol and for the text input (`steer_text_input`)."""
+    `shim.BlockSlot` gives the blocks the protocol and for the DiT's inputs (`steer_inputs`)."""
     from .shim import SLOTS
 
-    return SLOTS if family in SHIMMED or slot[0] == "input" else "dit"
+    return SLOTS if family in SHIMMED or slot[0] in INPUT_KINDS else "dit"
 
 
 def add_block_slots(model, family: str, positions) -> None:
@@ -198,20 +199,27 @@ def _bound(executor, args, kwargs) -> dict:
     return _arguments(_binding(executor, args, kwargs))
 
 
-def steer_text_input(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper serving `input.txt`: hands the `context` argument (the conditioning tokens as
-    the DiT receives them) to the patch at `Position.slot` of the text input under `shim.SLOTS`, as a block
-    patch `{"txt": context}` whose block is the identity, and runs the DiT on what it returns."""
+def steer_inputs(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper serving the DiT's inputs: hands the `context` argument (`input.txt`, the
+    conditioning tokens as the DiT receives them) and then the `y` argument (`input.pooled`, the pooled text
+    vector [B, d], as one token per image) to the patches at their `Position.slot` under `shim.SLOTS`, each as a
+    block patch `{"txt": ...}` whose block is the identity, and runs the DiT on what they return."""
     from .shim import SLOTS
 
     b = _binding(executor, args, kwargs)
     to = _arguments(b).get("transformer_options")
-    patch = to.get("patches_replace", {}).get(SLOTS, {}).get(("input", 0)) if isinstance(to, dict) else None
-    if patch is None or b.arguments.get("context") is None:
-        return executor(*args, **kwargs)
-    out = patch({"txt": b.arguments["context"], "transformer_options": to}, {"original_block": lambda a: {"txt": a["txt"]}})
-    b.arguments["context"] = out["txt"]
-    return executor(*b.args, **b.kwargs)
+    patches = to.get("patches_replace", {}).get(SLOTS, {}) if isinstance(to, dict) else {}
+    changed = False
+    for slot, arg in ((("input", 0), "context"), (("pooled", 0), "y")):
+        patch, x = patches.get(slot), b.arguments.get(arg) if b is not None else None
+        if patch is None or x is None:
+            continue
+        one = x.dim() == 2  # the pooled vector: one token per image
+        out = patch({"txt": x[:, None] if one else x, "transformer_options": to},
+                    {"original_block": lambda a: {"txt": a["txt"]}})["txt"]
+        b.arguments[arg] = out[:, 0] if one else out
+        changed = True
+    return executor(*b.args, **b.kwargs) if changed else executor(*args, **kwargs)
 
 
 def record_token_layout(executor, *args, **kwargs):

@@ -20,7 +20,7 @@ import copy
 
 import torch
 
-from ...gate import CallDecision, GatePlan, steer_block
+from ...gate import CallDecision, CarriedDecision, GatePlan, steer_block
 from ...positions import Position
 from ...schedule import half_rows, in_window, schedule_progress, schedule_step
 from ...steering import PositionSteerer, SteeringConfig
@@ -52,13 +52,24 @@ class SharedSteerers:
 
 class SharedGate:
     """The gate plan of one `steer_model` installation, shared by its block patches and their clones; its
-    per-call decision is kept in the model call's `transformer_options` under this object."""
+    per-call decision is kept in the model call's `transformer_options` under this object, and the latest one
+    of the running sampler for the DiT's inputs (`gate.CarriedDecision`), forgotten at each run's first step."""
 
     def __init__(self, plan: GatePlan):
         self.plan = plan
+        self.last = CarriedDecision()
 
     def call(self, to: dict) -> CallDecision:
         return to.setdefault(GATE, {}).setdefault(self, CallDecision())
+
+    def carried(self, to: dict, batch: int):
+        """The previous call's decision for this call's rows; None (and forgotten) at a run's first step or
+        where the step is not known."""
+        step = step_of(to)
+        if step is None or step == 0:
+            self.last.clear()
+            return None
+        return self.last.rows_for(batch, to.get("cond_or_uncond"))
 
     def __deepcopy__(self, memo):
         return self
@@ -113,9 +124,15 @@ class BlockSteering(_BlockPatch):
                 x = out[key]
                 parts[p] = x if (start, stop) == (0, x.shape[1]) else x[:, start:stop]
         plan = self.gate.plan
-        steered = steer_block(parts, self.store.steerers, self.cfg, plan, self.gate.call(to) if plan.shared else None,
+        call = self.gate.call(to) if plan.shared else None
+        carried = None
+        if plan.own and any(p in plan.own for p in parts):
+            carried = self.gate.carried(to, next(x.shape[0] for p, x in parts.items() if p in plan.own))
+        steered = steer_block(parts, self.store.steerers, self.cfg, plan, call,
                               lambda x: half_rows(x.shape[0], to.get("cond_or_uncond"), self.cfg.apply_to),
-                              to.get("cond_or_uncond"))
+                              to.get("cond_or_uncond"), carried)
+        if plan.own and any(p in plan.detectors for p in parts):
+            self.gate.last.keep(call.rows(), to.get("cond_or_uncond"))
         cloned = set()
         for p, y in steered.items():
             if y is parts[p]:

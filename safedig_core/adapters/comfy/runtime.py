@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from ...positions import ModelLayout
+from ...positions import INPUT_KINDS, ModelLayout
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -279,7 +279,7 @@ def patched(model, positions, make, layout=None):
     is untouched."""
     import comfy.patcher_extension
 
-    from .families import add_block_slots, patch_key, steer_text_input, token_layout_wrapper
+    from .families import add_block_slots, patch_key, steer_inputs, token_layout_wrapper
     from .patches import WRAPPER_KEY, install
 
     layout = layout or layout_of(model)
@@ -295,8 +295,8 @@ def patched(model, positions, make, layout=None):
     wrapper = token_layout_wrapper(layout.family)
     if wrapper is not None and not m.get_wrappers(wrappers, WRAPPER_KEY):
         m.add_wrapper_with_key(wrappers, WRAPPER_KEY, wrapper)
-    if any(p.kind == "input" for p in positions) and not m.get_wrappers(wrappers, WRAPPER_KEY + "_input"):
-        m.add_wrapper_with_key(wrappers, WRAPPER_KEY + "_input", steer_text_input)
+    if any(p.kind in INPUT_KINDS for p in positions) and not m.get_wrappers(wrappers, WRAPPER_KEY + "_input"):
+        m.add_wrapper_with_key(wrappers, WRAPPER_KEY + "_input", steer_inputs)
     return m
 
 
