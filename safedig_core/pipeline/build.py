@@ -192,14 +192,23 @@ def gate_units(store, p, steerer, quantile: float, max_batches: int = 64) -> tup
     unsafe = [i for i, r in enumerate(store.prompts) if r.domain == "source" and r.label == "unsafe"]
     tokens, images = {}, {}
     for name, idx in (("safe", safe), ("unsafe", unsafe)):
-        mass, prompt, step = [], [], []
-        for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=idx)):
-            mass.append(steerer.harmful_mass(b.x).float())
-            prompt.append(b.prompt)
-            step.append(b.step)
-        tokens[name] = torch.cat(mass) if mass else torch.zeros(0)
-        images[name] = _image_max(tokens[name], torch.cat(prompt), torch.cat(step)) if mass else torch.zeros(0)
+        tokens[name], images[name] = harmful_peaks(store, p, steerer, idx, max_batches)
     return _unit(tokens, quantile), _unit(images, quantile)
+
+
+@torch.no_grad()
+def harmful_peaks(store, p, steerer, prompts: list[int], max_batches: int = 64) -> tuple:
+    """(harmful mass of each stored token, its max per (prompt, sampler step): the per-image gate's statistic)
+    at `p` over the stored tokens of `prompts`, from at most `max_batches` batches of 4096 rows."""
+    mass, prompt, step = [], [], []
+    for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=prompts)):
+        mass.append(steerer.harmful_mass(b.x).float())
+        prompt.append(b.prompt)
+        step.append(b.step)
+    if not mass:
+        return torch.zeros(0), torch.zeros(0)
+    tokens = torch.cat(mass)
+    return tokens, _image_max(tokens, torch.cat(prompt), torch.cat(step))
 
 
 def safe_exemplars(store, p, limit: int):
