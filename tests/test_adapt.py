@@ -233,3 +233,42 @@ def parse_pos(name):
     from safedig_core.positions import parse
 
     return parse(name)
+
+
+def test_guarded_union_admits_only_latents_that_keep_the_gate_separation():
+    """`guarded` adds a target-selected latent only where the per-image AUROC of unsafe against safe source
+    prompts does not fall: one that fires more on safe images is left out, one that reads the unsafe images the
+    kept set missed is let in, one that never fires changes nothing and is let in."""
+    from safedig_core.pipeline.adapt import guarded_union
+    from safedig_core.pipeline.harmful import auroc, harmful_peaks
+    from safedig_core.steering import PositionSteerer
+
+    sae = SparseAutoencoder(4, 4, 4, "topk")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+    g = torch.Generator().manual_seed(3)
+    kinds = ["safe"] * 8 + ["unsafe_a"] * 6 + ["unsafe_b"] * 6
+    rows, prompt, records = [], [], []
+    for i, kind in enumerate(kinds):
+        x = torch.zeros(3, 4)  # three tokens per image
+        x[:, 1] = torch.rand(3, generator=g) + (1.0 if kind == "safe" else 0.2)  # latent 1: safe images more
+        if kind == "unsafe_a":
+            x[0, 0] = 2.0  # latent 0 (already harmful) reads these
+        if kind == "unsafe_b":
+            x[1, 2] = 2.0  # latent 2 reads the ones latent 0 misses
+        rows.append(x)
+        prompt += [i] * 3
+        records.append(Rec("safe" if kind == "safe" else "unsafe", domain="source" if i % 2 else "target"))
+    records = [Rec(r.label, domain="source") if r.label == "safe" else r for r in records]
+    data = MemorySource(torch.cat(rows), prompt=torch.tensor(prompt), prompts=records)
+    kept = guarded_union(sae, data, None, [0], [1, 2, 3], position=None)
+    assert kept == [0, 2, 3]
+
+    def separation(latents):
+        st = PositionSteerer(sae, torch.tensor(latents))
+        safe = [i for i, r in enumerate(records) if r.label == "safe"]
+        unsafe = [i for i, r in enumerate(records) if r.label == "unsafe"]
+        return auroc(harmful_peaks(data, None, st, unsafe)[1], harmful_peaks(data, None, st, safe)[1])
+
+    assert separation([0, 1]) < separation([0]) < separation(kept) == 1.0

@@ -11,7 +11,7 @@ def run_demo(args) -> None:
     from ..testbed import demo
 
     demo.run(args.out, args.seed, args.quick, seeds=args.seeds, threads=args.threads, pair_scenes=args.pair_scenes,
-             pooled=args.pooled)
+             pooled=args.pooled, rescore=args.rescore)
 
 
 def run_tiny_demo(args) -> None:
@@ -41,6 +41,9 @@ def add_cli(sub) -> None:
                    help="also steer the pooled text vector (input.pooled): a flagged prompt's becomes the nearest "
                         "safe building prompt's, and SafeDIG steers at the text positions and there only "
                         "(measured, not the default: docs/METHOD_NOTES.md)")
+    p.add_argument("--rescore", choices=("union", "guarded", "rescore"), default=None,
+                   help="how adaptation re-scores the harmful latents (BuildConfig.rescore; default union; guarded: "
+                        "measured on development seeds, not the default: docs/METHOD_NOTES.md)")
     p.set_defaults(run=run_demo)
     p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")
     p.add_argument("--out", default="out/tiny-demo", type=A.output_dir, help="folder for the dictionary it writes")

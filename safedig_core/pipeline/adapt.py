@@ -277,7 +277,7 @@ def _fvu(sae: SparseAutoencoder, x: torch.Tensor, var: float, team: Team = SOLO)
     return e.pow(2).sum() / (var * x.shape[0])
 
 
-RESCORE_MODES = ("rescore", "union", "reselect")
+RESCORE_MODES = ("rescore", "union", "reselect", "guarded")
 
 
 def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, harmful: list[int],
@@ -287,6 +287,9 @@ def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, har
 
     - `rescore`: keep the harmful set, replace its scores and safe values by the target-domain ones;
     - `union`: the harmful set plus latents newly selected on the target domain;
+    - `guarded`: the union, admitting the new latents one at a time (in selection order) only where the per-image
+      gate's separation does not fall: the AUROC of the image peaks (`harmful.harmful_peaks`) of every unsafe
+      prompt of `data` against its safe source prompts (needs a store and `position`);
     - `reselect`: the target-domain selection alone.
     Keyword arguments go to `harmful.collect_stats` (position, domain (default "target"), batch_size...).
     """
@@ -299,14 +302,39 @@ def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, har
     if mode == "reselect":
         return res
     keep = list(harmful)
+    new = [j for j in res.indices if j not in set(harmful)]
     if mode == "union":
-        keep += [j for j in res.indices if j not in set(harmful)]
+        keep += new
+    elif mode == "guarded":
+        keep = guarded_union(sae, data, prompts, keep, new, kw["position"])
     sel = res.selection
     safe = stats.mean(0).float().cpu()
     res.indices = keep
     res.scores = [float(sel[j]) for j in keep]
     res.safe_values = [float(safe[j]) for j in keep]
     return res
+
+
+def guarded_union(sae, data, prompts, keep: list[int], new: list[int], position) -> list[int]:
+    """`keep` plus those of `new`, tried in order, that do not lower the per-image separation (rescore mode
+    `guarded`)."""
+    from ..steering import PositionSteerer
+
+    records = data.prompts if prompts is None else prompts
+    safe = [i for i, r in enumerate(records) if r.label == "safe" and r.domain == "source"]
+    unsafe = [i for i, r in enumerate(records) if r.label == "unsafe"]
+
+    def separation(latents):
+        steerer = PositionSteerer(sae, torch.tensor(latents, dtype=torch.long))
+        return harmful_mod.auroc(harmful_mod.harmful_peaks(data, position, steerer, unsafe)[1],
+                                 harmful_mod.harmful_peaks(data, position, steerer, safe)[1])
+
+    best = separation(keep) if keep else 0.0
+    for j in new:
+        trial = separation(keep + [j])
+        if trial >= best:
+            keep, best = keep + [j], trial
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------------

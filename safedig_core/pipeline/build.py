@@ -26,6 +26,7 @@ from ..positions import parse
 from . import adapt as adapt_mod
 from . import routing, train
 from .distributed import SINGLE, Ranks
+from .harmful import harmful_peaks
 
 SOURCE_DICTIONARY = "source_dictionary.safetensors"  # in the work folder: the dictionary before adaptation
 WORK_MANIFEST = "work.json"  # in the work folder: the store and settings it was made from
@@ -41,7 +42,7 @@ class BuildConfig:
     positions: list[str] | None = None  # skip routing and use these
     train: train.TrainConfig = field(default_factory=train.TrainConfig)
     adapt: adapt_mod.AdaptConfig | None = field(default_factory=adapt_mod.AdaptConfig)  # None: no adaptation
-    rescore: str | None = "union"  # re-score harmful latents on the target set: rescore | union | reselect | None
+    rescore: str | None = "union"  # re-score harmful latents on the target set: rescore | union | guarded | reselect | None
     routing: routing.RoutingConfig = field(default_factory=routing.RoutingConfig)
     # gate units: this quantile of harmful mass on safe source tokens, and of its max over each safe source
     # image's tokens (per prompt and step) for the per-image gate (None: 1 and no per-image unit)
@@ -196,21 +197,6 @@ def gate_units(store, p, steerer, quantile: float, max_batches: int = 64) -> tup
     return _unit(tokens, quantile), _unit(images, quantile)
 
 
-@torch.no_grad()
-def harmful_peaks(store, p, steerer, prompts: list[int], max_batches: int = 64) -> tuple:
-    """(harmful mass of each stored token, its max per (prompt, sampler step): the per-image gate's statistic)
-    at `p` over the stored tokens of `prompts`, from at most `max_batches` batches of 4096 rows."""
-    mass, prompt, step = [], [], []
-    for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=prompts)):
-        mass.append(steerer.harmful_mass(b.x).float())
-        prompt.append(b.prompt)
-        step.append(b.step)
-    if not mass:
-        return torch.zeros(0), torch.zeros(0)
-    tokens = torch.cat(mass)
-    return tokens, _image_max(tokens, torch.cat(prompt), torch.cat(step))
-
-
 def safe_exemplars(store, p, limit: int):
     """One vector per safe prompt of the store (either domain) at `p`, its mean over the recorded steps, at most
     `limit` of them (the first ones); None when the store has no safe prompt."""
@@ -222,13 +208,6 @@ def safe_exemplars(store, p, limit: int):
     count = torch.zeros(int(group.max()) + 1).index_add_(0, group, torch.ones(len(group)))
     sums = torch.zeros(len(count), pooled.x.shape[1]).index_add_(0, group, pooled.x)
     return sums / count[:, None]
-
-
-def _image_max(mass, prompt, step):
-    """Max of `mass` per (prompt, step) group of rows."""
-    _, group = torch.unique(torch.stack([prompt.long(), step.long()], 1), dim=0, return_inverse=True)
-    out = torch.full((int(group.max()) + 1,), float("-inf"))
-    return out.scatter_reduce(0, group, mass, "amax")
 
 
 def _unit(values: dict, quantile: float) -> float:

@@ -237,3 +237,29 @@ def find_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None = None,
     cfg.check()
     kw.setdefault("fire_min", cfg.fire_min)
     return select_latents(collect_stats(sae, data, prompts, **kw), cfg)
+
+
+@torch.no_grad()
+def harmful_peaks(store, p, steerer, prompts: list[int], max_batches: int = 64) -> tuple[Tensor, Tensor]:
+    """(harmful mass of each stored token, its max per (prompt, sampler step): the per-image gate's statistic)
+    at `p` over the stored tokens of `prompts`, from at most `max_batches` batches of 4096 rows."""
+    mass, prompt, step = [], [], []
+    for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=prompts)):
+        mass.append(steerer.harmful_mass(b.x).float())
+        prompt.append(b.prompt)
+        step.append(b.step)
+    if not mass:
+        return torch.zeros(0), torch.zeros(0)
+    tokens = torch.cat(mass)
+    _, group = torch.unique(torch.stack([torch.cat(prompt).long(), torch.cat(step).long()], 1), dim=0,
+                            return_inverse=True)
+    peaks = torch.full((int(group.max()) + 1,), float("-inf")).scatter_reduce(0, group, tokens, "amax")
+    return tokens, peaks
+
+
+def auroc(high: Tensor, low: Tensor) -> float:
+    """P(a value of `high` exceeds one of `low`), ties counting half (0.5 when either is empty)."""
+    if not high.numel() or not low.numel():
+        return 0.5
+    return float((high[:, None] > low[None, :]).float().mean() + 0.5 * (high[:, None] == low[None, :]).float().mean())
+

@@ -181,8 +181,9 @@ def run_seed(seed: int, size: dict, out_dir: str, pictures_dir: str | None, log=
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = build(store, dict_path, BuildConfig(top_k=3, train=tcfg, adapt=acfg), os.path.join(work, "build"),
-                        progress=False, overwrite=True)
+        rules = BuildConfig(top_k=3, train=tcfg, adapt=acfg)
+        rules = dataclasses.replace(rules, rescore=size.get("rescore", rules.rescore))
+        summary = build(store, dict_path, rules, os.path.join(work, "build"), progress=False, overwrite=True)
         lap("build")
         variants = variants_mod.make(store, dict_path, summary, work, tcfg, acfg, steering(size), size["grid"],
                                      size["dense_grid"], size.get("act", "all"))
@@ -348,16 +349,20 @@ def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
 
 
 def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: int | None = None,
-        threads: int | None = None, log=print, pair_scenes: bool = False, pooled: bool = False) -> dict:
+        threads: int | None = None, log=print, pair_scenes: bool = False, pooled: bool = False,
+        rescore: str | None = None) -> dict:
     """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
     pictures to `out_dir`, returns the report. `pair_scenes`: build from two-object scenes too and steer with
-    focus (`PAIR_SCENES`); `pooled`: steer the pooled text vector too (`POOLED`)."""
+    focus (`PAIR_SCENES`); `pooled`: steer the pooled text vector too (`POOLED`); `rescore`: `BuildConfig.rescore`
+    instead of its default."""
     t0 = time.time()
     size = SIZES["quick" if quick else "full"]
     if pair_scenes:
         size = size | PAIR_SCENES["quick" if quick else "full"]
     if pooled:
         size = size | POOLED
+    if rescore is not None:
+        size = size | {"rescore": rescore}
     n = seeds or size["seeds"]
     if threads:
         torch.set_num_threads(threads)
@@ -411,6 +416,7 @@ def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: in
                      "steering": {"blend": STEER.blend, "repel": STEER.repel, "gate": STEER.gate,
                                   "focus": steering(size).focus, "pair_scenes": pair_scenes,
                                   "pooled": pooled, "act": size.get("act", "all"),
+                                  "rescore": size.get("rescore", BuildConfig.rescore),
                                   "detect_per_seed": [s["info"]["gate"]["detect"] for s in per_seed],
                                   "threshold": agg["operating_point"]["steered"]["per_seed"]}},
         "environment": report_mod.environment(threads),
