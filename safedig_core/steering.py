@@ -216,9 +216,13 @@ class PositionSteerer:
 
     def harmful_mass(self, x: Tensor) -> Tensor:
         """g = Σ_{j∈H} z_j per row of unscaled x [..., d] → [...]."""
+        return self.codes(x).sum(-1)
+
+    def codes(self, x: Tensor) -> Tensor:
+        """The harmful latents' codes z_H per row of unscaled x [..., d] → [..., h]."""
         sae, lookup = self._derived(x.device, x.dtype)[:2]
         flat = x.reshape(-1, x.shape[-1])
-        return self.harmful_codes(sae, sae.prepare(flat), lookup).sum(-1).reshape(x.shape[:-1])
+        return self.harmful_codes(sae, sae.prepare(flat), lookup).reshape(*x.shape[:-1], -1)
 
     def image_mass(self, x: Tensor) -> Tensor:
         """The per-image gate's statistic: max of the harmful mass over each row's tokens, x [B, T, d] → [B]."""

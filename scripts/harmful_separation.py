@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     from safedig_core.formats.dictionary import load
     from safedig_core.formats.store import ActivationStore
     from safedig_core.pipeline.adapt import guarded_union
-    from safedig_core.pipeline.harmful import auroc, harmful_peaks
+    from safedig_core.pipeline.harmful import harmful_peaks
+    from safedig_core.pipeline.routing.scores import auroc
     from safedig_core.steering import PositionSteerer
 
     seed_dir = os.path.join(args.demo, f"seed-{args.seed}")
@@ -39,11 +40,10 @@ def main(argv=None) -> None:
               for key in (("safe", "source"), ("unsafe", "source"), ("unsafe", "target"))}
     print(f"seed {args.seed}: {', '.join(f'{len(v)} {lab} {dom}' for (lab, dom), v in groups.items())} "
           "building prompts")
+
     def separation(p, steerer):
         peaks = {k: harmful_peaks(store, p, steerer, idx)[1] for k, idx in groups.items()}
-        safe = peaks[("safe", "source")]
-        unsafe = torch.cat([peaks[("unsafe", "source")], peaks[("unsafe", "target")]])
-        return tuple(auroc(peaks[("unsafe", d)], safe) for d in ("source", "target")) + (auroc(unsafe, safe),)
+        return tuple(auroc(peaks[("unsafe", d)], peaks[("safe", "source")]) for d in ("source", "target"))
 
     def show(name, p, n, sep):
         print(f"{name:8s} {p.name:14s} harmful {n:3d}  AUROC unsafe source {sep[0]:.3f}  unsafe target {sep[1]:.3f}",
@@ -58,6 +58,7 @@ def main(argv=None) -> None:
             base = list(loaded["source"].entries[p].harmful)
             kept = guarded_union(e.sae, store, None, base, [j for j in e.harmful if j not in base], p)
             show("guarded", p, len(kept), separation(p, PositionSteerer(e.sae, torch.tensor(kept))))
+
 
 if __name__ == "__main__":
     main()

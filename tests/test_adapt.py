@@ -240,7 +240,8 @@ def test_guarded_union_admits_only_latents_that_keep_the_gate_separation():
     prompts does not fall: one that fires more on safe images is left out, one that reads the unsafe images the
     kept set missed is let in, one that never fires changes nothing and is let in."""
     from safedig_core.pipeline.adapt import guarded_union
-    from safedig_core.pipeline.harmful import auroc, harmful_peaks
+    from safedig_core.pipeline.harmful import harmful_peaks
+    from safedig_core.pipeline.routing.scores import auroc
     from safedig_core.steering import PositionSteerer
 
     sae = SparseAutoencoder(4, 4, 4, "topk")

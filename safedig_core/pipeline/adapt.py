@@ -306,7 +306,7 @@ def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, har
     if mode == "union":
         keep += new
     elif mode == "guarded":
-        keep = guarded_union(sae, data, prompts, keep, new, kw["position"])
+        keep = guarded_union(sae, data, prompts, keep, new, kw.get("position"))
     sel = res.selection
     safe = stats.mean(0).float().cpu()
     res.indices = keep
@@ -317,24 +317,31 @@ def rescore_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None, har
 
 def guarded_union(sae, data, prompts, keep: list[int], new: list[int], position) -> list[int]:
     """`keep` plus those of `new`, tried in order, that do not lower the per-image separation (rescore mode
-    `guarded`)."""
+    `guarded`). The stored tokens are encoded once; each trial only sums another column of their codes."""
     from ..steering import PositionSteerer
+    from .routing.scores import auroc
 
     records = data.prompts if prompts is None else prompts
     safe = [i for i, r in enumerate(records) if r.label == "safe" and r.domain == "source"]
     unsafe = [i for i, r in enumerate(records) if r.label == "unsafe"]
+    latents = keep + new
+    steerer = PositionSteerer(sae, torch.tensor(latents, dtype=torch.long))
+    (c_safe, g_safe), (c_unsafe, g_unsafe) = (harmful_mod.image_codes(data, position, steerer, idx)
+                                              for idx in (safe, unsafe))
+    if not g_safe.numel() or not g_unsafe.numel():
+        return latents  # nothing to measure the separation on: the plain union
 
-    def separation(latents):
-        steerer = PositionSteerer(sae, torch.tensor(latents, dtype=torch.long))
-        return harmful_mod.auroc(harmful_mod.harmful_peaks(data, position, steerer, unsafe)[1],
-                                 harmful_mod.harmful_peaks(data, position, steerer, safe)[1])
+    def separation(cols):
+        return auroc(harmful_mod.image_peaks(c_unsafe[:, cols].sum(-1), g_unsafe),
+                     harmful_mod.image_peaks(c_safe[:, cols].sum(-1), g_safe))
 
-    best = separation(keep) if keep else 0.0
-    for j in new:
-        trial = separation(keep + [j])
+    cols = list(range(len(keep)))
+    best = separation(cols) if cols else 0.0
+    for c in range(len(keep), len(latents)):
+        trial = separation(cols + [c])
         if trial >= best:
-            keep, best = keep + [j], trial
-    return keep
+            cols, best = cols + [c], trial
+    return [latents[c] for c in cols]
 
 
 # ---------------------------------------------------------------------------------------------------

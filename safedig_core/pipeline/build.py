@@ -166,14 +166,7 @@ def _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, d
         return summary
 
     d = load(adapted_path)
-    if cfg.gate_quantile is not None:
-        for p, e in d.entries.items():
-            e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), cfg.gate_quantile)
-            e.metrics["gate_scale"], e.metrics["image_gate_scale"] = e.gate_scale, e.image_gate_scale
-    for p, e in d.entries.items():
-        if p.kind == "pooled" and cfg.safe_exemplars:
-            e.safe_targets = safe_exemplars(store, p, cfg.safe_exemplars)
-            e.metrics["safe_targets"] = int(e.safe_targets.shape[0]) if e.safe_targets is not None else 0
+    calibrate(d, store, cfg)
     d.steering_defaults = dict(cfg.steering_defaults)
     d.variant = (getattr(store, "config", {}).get("runner") or {}).get("variant")  # the model config it was made on
     d.provenance = dict(d.provenance, **provenance, adapted=bool(adapted),
@@ -182,6 +175,18 @@ def _build(store, fingerprint, out_path, cfg, work_dir, progress, should_stop, d
     write_text(os.path.join(work_dir, "build.json"), json.dumps(summary, indent=1, default=float))
     ranks.barrier()
     return summary
+
+
+def calibrate(d, store, cfg: BuildConfig) -> None:
+    """What `build` measures on the store for a trained dictionary `d`, in place: each position's gate units
+    (`gate_units`, unless `cfg.gate_quantile` is None) and, at `input.pooled`, its safe exemplars."""
+    for p, e in d.entries.items():
+        if cfg.gate_quantile is not None:
+            e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), cfg.gate_quantile)
+            e.metrics["gate_scale"], e.metrics["image_gate_scale"] = e.gate_scale, e.image_gate_scale
+        if p.kind == "pooled" and cfg.safe_exemplars:
+            e.safe_targets = safe_exemplars(store, p, cfg.safe_exemplars)
+            e.metrics["safe_targets"] = int(e.safe_targets.shape[0]) if e.safe_targets is not None else 0
 
 
 @torch.no_grad()

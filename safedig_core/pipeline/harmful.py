@@ -240,26 +240,30 @@ def find_harmful(sae: SparseAutoencoder, data: Any, prompts: list | None = None,
 
 
 @torch.no_grad()
-def harmful_peaks(store, p, steerer, prompts: list[int], max_batches: int = 64) -> tuple[Tensor, Tensor]:
-    """(harmful mass of each stored token, its max per (prompt, sampler step): the per-image gate's statistic)
-    at `p` over the stored tokens of `prompts`, from at most `max_batches` batches of 4096 rows."""
-    mass, prompt, step = [], [], []
+def image_codes(store, p, steerer, prompts: list[int], max_batches: int = 64) -> tuple[Tensor, Tensor]:
+    """(the harmful codes [N, h] of the stored tokens of `prompts` at `p`, from at most `max_batches` batches of
+    4096 rows; the image each token belongs to, its (prompt, sampler step) group [N])."""
+    codes, prompt, step = [], [], []
     for _, b in zip(range(max_batches), store.iter_batches(p, 4096, prompts=prompts)):
-        mass.append(steerer.harmful_mass(b.x).float())
+        codes.append(steerer.codes(b.x).float())
         prompt.append(b.prompt)
         step.append(b.step)
-    if not mass:
-        return torch.zeros(0), torch.zeros(0)
-    tokens = torch.cat(mass)
+    if not codes:
+        return torch.zeros(0, len(steerer.harmful)), torch.zeros(0, dtype=torch.long)
     _, group = torch.unique(torch.stack([torch.cat(prompt).long(), torch.cat(step).long()], 1), dim=0,
                             return_inverse=True)
-    peaks = torch.full((int(group.max()) + 1,), float("-inf")).scatter_reduce(0, group, tokens, "amax")
-    return tokens, peaks
+    return torch.cat(codes), group
 
 
-def auroc(high: Tensor, low: Tensor) -> float:
-    """P(a value of `high` exceeds one of `low`), ties counting half (0.5 when either is empty)."""
-    if not high.numel() or not low.numel():
-        return 0.5
-    return float((high[:, None] > low[None, :]).float().mean() + 0.5 * (high[:, None] == low[None, :]).float().mean())
+def image_peaks(mass: Tensor, group: Tensor) -> Tensor:
+    """The max of the per-token `mass` over each image (`image_codes`' groups): the per-image gate's statistic."""
+    if not group.numel():
+        return torch.zeros(0)
+    return torch.full((int(group.max()) + 1,), float("-inf")).scatter_reduce(0, group, mass, "amax")
 
+
+def harmful_peaks(store, p, steerer, prompts: list[int], max_batches: int = 64) -> tuple[Tensor, Tensor]:
+    """(harmful mass of each stored token, its max per image) at `p` over the stored tokens of `prompts`."""
+    codes, group = image_codes(store, p, steerer, prompts, max_batches)
+    mass = codes.sum(-1)
+    return mass, image_peaks(mass, group)

@@ -14,7 +14,7 @@ from ..adapters.comfy.patches import SharedSteerers
 from ..evaluation.baselines import DiffMeansSteerer, WordFilter
 from ..formats.dictionary import DictionaryEntry, SafetyDictionary, load, save
 from ..formats.store import ActivationStore
-from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, gate_units, safe_exemplars
+from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, calibrate
 from ..pipeline.harmful import find_harmful
 from ..pipeline.train import TrainConfig, train_sae
 from ..positions import INPUT_KINDS, parse
@@ -47,14 +47,10 @@ def full_retrain(store: ActivationStore, positions: list[str], work: str, tcfg: 
 
 
 def calibrated(store: ActivationStore, path: str) -> str:
-    """A copy of dictionary `path` whose gate unit, and safe exemplars at `input.pooled`, are set by the same rules
-    as `safedig build`'s."""
+    """A copy of dictionary `path` whose gate units, and safe exemplars at `input.pooled`, are set by the same rules
+    as `safedig build`'s (`build.calibrate`)."""
     d = load(path)
-    rules = BuildConfig()
-    for p, e in d.entries.items():
-        e.gate_scale, e.image_gate_scale = gate_units(store, p, e.steerer(), rules.gate_quantile)
-        if p.kind == "pooled":
-            e.safe_targets = safe_exemplars(store, p, rules.safe_exemplars)
+    calibrate(d, store, BuildConfig())
     out = os.path.splitext(path)[0] + ".gated.safetensors"
     save(d, out)
     return out
