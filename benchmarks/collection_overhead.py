@@ -10,6 +10,13 @@ other load on the machine hits both alike; it prints the median of each and the 
 
     python benchmarks/collection_overhead.py              # a few minutes on 2 cores
     python benchmarks/collection_overhead.py --quick      # smoke run
+    python benchmarks/collection_overhead.py --width 384 --image-size 64 --budget 256
+
+The testbed DiT is tiny (width 96, 64 image tokens), so its blocks cost little next to the fixed cost of handing
+nine positions to the recorder at every model call. `--width` and `--image-size` take instead a FLUX model of
+the testbed's depth with that width and image side (patch 2: (side / 2)² image tokens), random weights: its
+blocks weigh against the recording more as FLUX.1's do (width 3072, 4096 image tokens at 1024²), and what it
+records is the same (the activations, not their meaning, set the cost).
 """
 from __future__ import annotations
 
@@ -38,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None,
+                    help="a FLUX model of this width (heads of 64) with random weights instead of the testbed DiT")
+    ap.add_argument("--image-size", type=int, default=32, help="with --width: the latent's side (patch 2)")
     ap.add_argument("--quick", action="store_true", help="2 prompts, 4 steps, 2 rounds")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
@@ -54,11 +64,21 @@ def main(argv=None) -> int:
     from safedig_core.testbed.dictionary import records
     from safedig_core.testbed.model import load_testbed
 
-    model, encode_fn = load_testbed()
+    if a.width:
+        if a.width % 64 or a.image_size % 2:
+            raise SystemExit("--width must be a multiple of 64 (heads of 64) and --image-size even (patch 2)")
+        from safedig_core.testbed.model import ARCH, build_model, make_encode_fn, patcher
+
+        arch = dict(ARCH, hidden_size=a.width, num_heads=a.width // 64, patch_size=2, image_size=a.image_size)
+        model, encode_fn = patcher(build_model(arch, seed=0)), make_encode_fn()
+        side, name = a.image_size, f"flux-width-{a.width}"
+    else:
+        model, encode_fn = load_testbed()
+        side, name = world.SIZE, "safedig-testbed"
     rows = world.prompt_sets(0)["build"]
     recs = records([rows[i] for i in torch.linspace(0, len(rows) - 1, a.prompts).round().long().tolist()])
-    shape = (3, world.SIZE, world.SIZE)
-    runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=a.cfg, latent_shape=shape, name="safedig-testbed")
+    shape = (3, side, side)
+    runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=a.cfg, latent_shape=shape, name=name)
     seed = 0
 
     def plain():
@@ -94,7 +114,9 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     per_round = [c / p - 1 for p, c in zip(times["plain"], times["collect"])]
     extra = statistics.median(per_round)
-    print(f"collection overhead on the testbed DiT through ComfyUI ({torch.get_num_threads()} threads): {a.prompts} "
+    what = (f"a width-{a.width} FLUX model ({(side // 2) ** 2} image tokens, random weights)" if a.width
+            else "the testbed DiT")
+    print(f"collection overhead on {what} through ComfyUI ({torch.get_num_threads()} threads): {a.prompts} "
           f"prompts, {a.steps} steps, cfg {a.cfg}, positions {a.positions} ({len(runner.layout.positions())} in the "
           f"model), record steps {a.record_steps}, {a.budget} token rows; medians of {a.rounds} alternating rounds")
     print(f"plain sampling {med['plain']:.2f} s   collecting {med['collect']:.2f} s   extra {extra:+.1%} (median of the "

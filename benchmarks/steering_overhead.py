@@ -16,8 +16,8 @@ fast gate ≤ 5 %), on a safe input (no harmful direction written in) and the tw
 with the exact gate (goal ≥ 99 % of tokens, no token missed that the exact gate passes with a mass above 2
 gate units), on those planted sets and on the testbed's own activations (the committed testbed DiT sampled
 through ComfyUI, recorded at its committed dictionary's positions, gated at τ = 1 per token and per image).
-On the safe input it also times the fast gate's parts (first screen, second screen and its gather, exact code of
-the tokens left), each as a share of the block.
+On the safe input it also times the fast gate's parts (each stage of its cascade of screens, the gather of the
+rows a stage does not keep, the exact code of the tokens left), each as a share of the block.
 
     python benchmarks/steering_overhead.py            # full size: ~5 minutes on 2 cores, ~3.5 GB
     python benchmarks/steering_overhead.py --gate-only    # only the gate comparison, about a minute
@@ -300,13 +300,16 @@ def fast_decision(steerer: PositionSteerer, x: torch.Tensor, floor: float) -> tu
 
 def agreement(steerer, x, floor, unit) -> dict:
     """Fast vs exact decisions on tokens x: share agreeing, tokens the fast gate missed that the exact gate passes
-    with mass above 2 `unit`s, share of tokens screened through to the full encode."""
+    with mass above 2 `unit`s, share of tokens screened through to the full encode, and share left after the
+    cascade's first stage (the harmful rows alone)."""
     mass = steerer.harmful_mass(x.reshape(-1, x.shape[-1])).float()
     exact = mass > floor
     fast, through = fast_decision(steerer, x, floor)
+    sae = steerer._derived(x.device, x.dtype)[0]
+    first = fast_gate.Screen(sae, steerer.harmful, 0).may_pass(sae.prepare(x.reshape(-1, x.shape[-1])), sae.b_dec, floor)
     return {"tokens": int(exact.numel()), "agree": float((fast == exact).float().mean()),
             "missed_above_2_units": int((exact & ~fast & (mass > 2 * unit)).sum()), "exact_pass": float(exact.float().mean()),
-            "screened": through / max(exact.numel(), 1)}
+            "screened": through / max(exact.numel(), 1), "after_harmful_rows": float(first.float().mean())}
 
 
 def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, testbed_prompts: int) -> dict:
@@ -323,9 +326,9 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
     block_ms = med["block"][0] * 1e3
     x0 = next(iter(outs.values()))
     sc = fast_gate.screen(steerer._derived(x0.device, x0.dtype)[0], steerer.harmful)
-    print(f"\ngate cost: exact (full TopK encode of every token) vs fast (screen on {sc.h} harmful + "
-          f"{sc.m} probe rows, then {sc.then.m if sc.then else 0} on the tokens it lets through, full "
-          f"encode where the gate may pass), τ={tau} × unit "
+    cascade = " → ".join(f"{s.h} harmful + {s.m} probe rows" for s in sc.stages())
+    print(f"\ngate cost: exact (full TopK encode of every token) vs fast (cascade of screens: {cascade}, each on "
+          f"the tokens the one before lets through; full encode where the gate may pass), τ={tau} × unit "
           f"{steerer.gate_scale:g}; share = gate time / unsteered block ({block_ms:.1f} ms), median of {repeats}; "
           "goal for the fast gate ≤ 5 %")
     print(f"{'input':<10}{'exact ms':>10}{'share':>8}{'fast ms':>10}{'share':>8}{'speed-up':>10}{'screened':>10}"
@@ -346,40 +349,40 @@ def compare_gates(steerer, inputs: dict, run_block, tau: float, repeats: int, te
         ok &= r["agree"] >= 0.99 and r["missed_above_2_units"] == 0
     print(f"gate agreement: {'yes' if ok else 'NO'} (≥ 99 % of tokens, no token missed above 2 gate units)")
     return {"block_ms": block_ms, "planted": rows, "parts": parts, "testbed": testbed, "agree": ok,
-            "probes": int(sc.m), "refine": sc.then.m if sc.then else 0}
+            "stages": [int(s.m) for s in sc.stages()]}
 
 
 def fast_parts(steerer: PositionSteerer, x: torch.Tensor, floor: float, repeats: int, block_ms: float) -> dict:
-    """Where the fast gate's time goes on tokens x: its first screen over every token, its second screen over the
-    tokens the first lets through (the gather of its rows from the encoder counted apart, and inside it), and the
-    exact TopK code of the tokens left; each a median over `repeats` as a share of the block."""
+    """Where the fast gate's time goes on tokens x: each stage of its cascade on the tokens the stages before it let
+    through (the product with the rows it adds and its bound; the gather of a stage's rows from the encoder also
+    timed apart, as part of it), then the exact TopK code of the tokens left; each a median over `repeats` as a
+    share of the block."""
     sae, lookup = steerer._derived(x.device, x.dtype)[:2]
     xs = sae.prepare(x.reshape(-1, x.shape[-1]))
-    first = fast_gate.screen(sae, steerer.harmful)
-    then = first.then
-    first.then = None  # the first screen alone
-    try:
-        left = first.may_pass(xs, sae.b_dec, floor).nonzero().squeeze(1)
-        cand = left[then.may_pass(xs[left], sae.b_dec, floor)] if then is not None else left
-        fns = {"first screen": lambda: segments(lambda _: first.bound(xs, sae.b_dec))[0],
-               "exact codes": lambda: segments(lambda _: steerer.harmful_codes(sae, xs[cand], lookup))[0]}
-        if then is not None:
-            fns["second screen"] = lambda: segments(lambda _: then.bound(xs[left], sae.b_dec))[0]
-            fns["its gather"] = lambda: segments(lambda _: then.source.index_select(0, then.rows).to(then.acc))[0]
-        med, _ = medians(fns, repeats)
-    finally:
-        first.then = then
+    stages = fast_gate.screen(sae, steerer.harmful).stages()
     n = xs.shape[0]
-    tokens = {"first screen": n, "second screen": len(left), "its gather": len(left), "exact codes": len(cand)}
-    rows_of = {"first screen": first.h + first.m, "second screen": then.h + then.m if then else 0,
-               "its gather": then.h + then.m if then else 0, "exact codes": sae.latents}
-    print("fast gate parts on the safe input (share of the block; rows of the encoder each part multiplies by):")
+    alive, pre = torch.arange(n), None
+    fns, tokens, rows_of = {}, {}, {}
+    for i, st in enumerate(stages):
+        name = "harmful rows" if i == 0 else f"probes to {st.m}"
+        xi = st.centred(xs[alive], sae.b_dec)
+        fns[name] = lambda st=st, xi=xi, pi=pre: segments(lambda _: st.mass_bound(xi, st.extend(xi, pi)))[0]
+        tokens[name], rows_of[name] = len(alive), len(st.added)
+        if st.W is None:
+            fns[f"  its gather ({name})"] = lambda st=st: segments(lambda _: st.added_rows())[0]
+            tokens[f"  its gather ({name})"], rows_of[f"  its gather ({name})"] = len(alive), len(st.added)
+        full = st.extend(xi, pre)
+        ok = st.mass_bound(xi, full) > floor * (1 - 2 * st.u_out)
+        alive, pre = alive[ok], full[ok]
+    fns["exact codes"] = lambda: segments(lambda _: steerer.harmful_codes(sae, xs[alive], lookup))[0]
+    tokens["exact codes"], rows_of["exact codes"] = len(alive), sae.latents
+    med, _ = medians(fns, repeats)
+    print("fast gate parts on the safe input (share of the block; the encoder rows each part multiplies by):")
     out = {}
-    for name in ("first screen", "second screen", "its gather", "exact codes"):
-        if name in med:
-            ms = med[name][0] * 1e3
-            out[name] = {"ms": ms, "share": ms / block_ms, "tokens": tokens[name], "rows": rows_of[name]}
-            print(f"  {name:<14}{ms:>9.1f} ms{ms / block_ms:>8.1%}  {tokens[name]:>6} of {n} tokens × {rows_of[name]} rows")
+    for name in fns:
+        ms = med[name][0] * 1e3
+        out[name.strip()] = {"ms": ms, "share": ms / block_ms, "tokens": tokens[name], "rows": rows_of[name]}
+        print(f"  {name:<30}{ms:>9.1f} ms{ms / block_ms:>8.1%}  {tokens[name]:>6} of {n} tokens × {rows_of[name]} rows")
     return out
 
 
@@ -401,8 +404,8 @@ def testbed_agreement(n_prompts: int, steps: int = 4) -> list[dict]:
     unsafe = sum(r["label"] == "unsafe" for r in rows)
     print(f"testbed activations: {len(rows)} prompts ({unsafe} unsafe), {steps} steps, cond and uncond rows; "
           "committed testbed dictionary, τ = 1")
-    print(f"{'position':<14}{'latents':>8}{'tokens':>8}{'exact pass':>11}{'screened':>10}{'agree':>9}{'missed':>8}"
-          f"{'images':>8}{'flags agree':>12}")
+    print(f"{'position':<14}{'latents':>8}{'tokens':>8}{'exact pass':>11}{'harmful rows':>13}{'screened':>10}"
+          f"{'agree':>9}{'missed':>8}{'images':>8}{'flags agree':>12}  (harmful rows: left after the first stage)")
     out = []
     for p, e in d.entries.items():
         st = e.steerer()
@@ -411,7 +414,8 @@ def testbed_agreement(n_prompts: int, steps: int = 4) -> list[dict]:
         cfg = SteeringConfig(repel=1.0, threshold=1.0, gate="image")
         flags = float((st.flag_images(x, cfg) == st.flag_images(x, cfg.with_(fast_gate=True))).float().mean())
         out.append({"position": str(p), "latents": e.sae.latents, **ag, "images": x.shape[0], "image_flags_agree": flags})
-        print(f"{str(p):<14}{e.sae.latents:>8}{ag['tokens']:>8}{ag['exact_pass']:>11.1%}{ag['screened']:>10.1%}"
+        print(f"{str(p):<14}{e.sae.latents:>8}{ag['tokens']:>8}{ag['exact_pass']:>11.1%}{ag['after_harmful_rows']:>13.1%}"
+              f"{ag['screened']:>10.1%}"
               f"{ag['agree']:>9.2%}{ag['missed_above_2_units']:>8}{x.shape[0]:>8}{flags:>12.2%}")
         out[-1]["agree"] = min(ag["agree"], flags)
     return out

@@ -59,7 +59,9 @@ class SafeDIGApplySteering(io.ComfyNode):
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="both",
                                tooltip="Which batch halves to steer: the prompt (cond), the negative (uncond) or both"),
                 io.String.Input("positions", default="all",
-                                tooltip="'all' or a comma list of the dictionary's positions, e.g. double.7.img, single.12.img"),
+                                tooltip="'all', 'txt' (every text-stream position, the pooled text vector "
+                                        "included: what the testbed demo steers), 'img', or a comma list of the "
+                                        "dictionary's positions, e.g. double.7.img, single.12.img"),
                 io.Boolean.Input("preserve_norm", default=False,
                                  tooltip="Rescale each steered token to its original norm"),
                 io.Combo.Input("gate", options=list(GATES), default="per token", optional=True,

@@ -20,11 +20,13 @@ error and the comparison keeps a margin for the rounding of g's own sum and of t
 then still an upper bound on the g the exact gate computes, and the decision stays exact.
 
 How much it saves depends on the dictionary: on how far below the threshold B stays on safe tokens, which
-more probes tighten (at m/L of the full encode's cost). So the screen is a cascade: the tokens the first screen
-cannot rule out are screened again with more probes (by default about L/6, `default_refine`; their rows are
-gathered from the encoder at each call rather than kept, so they cost no memory between calls), and only those
-left get the full encode. Any subset of latents gives a valid bound, so the cascade keeps the decision exact.
-`benchmarks/steering_overhead.py` measures both.
+more probes tighten (at m/L of the full encode's cost). So the screen is a cascade of stages, each adding rows
+to the one before and multiplying a token only by the rows it adds: the harmful rows alone (B = Σ_{j∈H}
+relu(p_j), with no cut: enough where the harmful latents' pre-activations stay negative on safe tokens, as in a
+trained dictionary), then the probes, then, for the tokens still not ruled out, about L/6 probes
+(`default_refine`; the rows it adds are gathered from the encoder at each call rather than kept, so they cost
+no memory between calls); only the tokens left get the full encode. Any subset of latents gives a valid bound,
+so the cascade keeps the decision exact. `benchmarks/steering_overhead.py` measures it against the exact gate.
 """
 from __future__ import annotations
 
@@ -56,37 +58,72 @@ def _unit(dtype: torch.dtype) -> float:
 
 
 class Screen:
-    """The harmful and probe rows of one TopK SAE's encoder (its working copy: device and dtype as the model
-    runs), in the accumulation precision; `gather`: take them from the encoder at each call instead of keeping
-    a copy. `then`: the screen the tokens this one lets through go to next (None: the full encode)."""
+    """One stage of the cascade: rows of one TopK SAE's encoder (its working copy: device and dtype as the model
+    runs) that bound a token's harmful mass, in the accumulation precision: the harmful rows, then probes.
+    `after`: the stage whose rows this one's begin with, so that a token screened there is multiplied only by
+    the rows this stage adds (`extend`). `gather`: take the added rows from the encoder at each call instead of
+    keeping a copy. `then`: the stage the tokens this one lets through go to next (None: the full encode)."""
 
     then: "Screen | None" = None
 
-    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None, gather: bool = False):
+    def __init__(self, sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None, gather: bool = False,
+                 after: "Screen | None" = None):
         dev, dtype = sae.W_enc.device, sae.W_enc.dtype
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         H = harmful.to(dev).long()
+        base = H if after is None else after.rows
         others = torch.ones(sae.latents, dtype=torch.bool, device=dev)
-        others[H] = False
+        others[base] = False
         # Any probes give a valid bound; the ones whose pre-activations tend to run high give a tight one. Scaled
         # inputs have ‖x‖² ≈ d, so a latent's pre-activation spreads about b_j ± ‖w_j‖: take the largest b_j + 2‖w_j‖.
         reach = (sae.b_enc.float() + 2 * sae.W_enc.float().norm(dim=1)).masked_fill(~others, -float("inf"))
-        m = min(default_probes(sae) if probes is None else probes, int(others.sum()))
-        pick = reach.topk(m).indices
-        rows = torch.cat([H, pick])
-        self.h, self.k, self.d, self.m = len(H), sae.k, sae.d, m
-        W = sae.W_enc[rows].to(self.acc)
-        self.W, self.rows, self.source = (None, rows, sae.W_enc) if gather else (W, None, None)
-        self.b = sae.b_enc[rows].to(self.acc)
-        self.norms = W.norm(dim=1)
+        had = len(base) - len(H)
+        m = min(default_probes(sae) if probes is None else probes, had + int(others.sum()))
+        pick = reach.topk(max(m - had, 0)).indices
+        self.added = pick if after is not None else torch.cat([H, pick])
+        self.rows = torch.cat([base, pick])
+        self.after, self.h, self.k, self.d, self.m = after, len(H), sae.k, sae.d, max(m, had)
+        W = sae.W_enc[self.added].to(self.acc)
+        self.W, self.source = (None, sae.W_enc) if gather else (W, None)
+        self.b_added = sae.b_enc[self.added].to(self.acc)
+        self.b = sae.b_enc[self.rows].to(self.acc)
+        self.norms = W.norm(dim=1) if after is None else torch.cat([after.norms, W.norm(dim=1)])
         self.u_out = _unit(dtype)  # the full product's result is rounded to the working dtype
         self.gamma = (self.d + 2) * _unit(self.acc) / (1 - (self.d + 2) * _unit(self.acc))
 
+    def stages(self) -> "list[Screen]":
+        """This stage and the ones after it, in the order tokens meet them."""
+        out, s = [], self
+        while s is not None:
+            out.append(s)
+            s = s.then
+        return out
+
+    def centred(self, xs: Tensor, b_dec: Tensor) -> Tensor:
+        """The same subtraction, in the same dtype, as `SparseAutoencoder.pre_acts`, in the accumulation type."""
+        return (xs - b_dec).to(self.acc)
+
+    def added_rows(self) -> Tensor:
+        """The encoder rows this stage adds to the one it follows, kept or gathered."""
+        return self.W if self.W is not None else self.source.index_select(0, self.added).to(self.acc)
+
+    def extend(self, xc: Tensor, pre: Tensor | None = None) -> Tensor:
+        """[N, rows] pre-activations over this stage's rows for centred inputs xc, given `pre`, those over the rows
+        of the stage it follows (None: computed)."""
+        if self.after is not None and pre is None:
+            pre = self.after.extend(xc)
+        if not self.added.numel():
+            return pre
+        new = torch.addmm(self.b_added, xc, self.added_rows().t())
+        return new if pre is None else torch.cat([pre, new], 1)
+
     def bound(self, xs: Tensor, b_dec: Tensor) -> Tensor:
         """[N] upper bound (float) on the harmful mass the exact gate computes for scaled inputs xs [N, d]."""
-        xc = (xs - b_dec).to(self.acc)  # the same subtraction, in the same dtype, as `SparseAutoencoder.pre_acts`
-        W = self.W if self.W is not None else self.source.index_select(0, self.rows).to(self.acc)
-        pre = torch.addmm(self.b, xc, W.t())
+        xc = self.centred(xs, b_dec)
+        return self.mass_bound(xc, self.extend(xc))
+
+    def mass_bound(self, xc: Tensor, pre: Tensor) -> Tensor:
+        """[N] the bound from centred inputs xc and their pre-activations over this stage's rows."""
         # Cauchy–Schwarz on Σ|w_i x_i|, with a little room for the rounding of the norms themselves
         size = (xc.norm(dim=1, keepdim=True) * self.norms + self.b.abs()) * (1 + 1e-3)
         err = 2 * self.gamma * size + 2 * self.u_out * (pre.abs() + 2 * self.gamma * size)
@@ -101,14 +138,20 @@ class Screen:
 
     def may_pass(self, xs: Tensor, b_dec: Tensor, floor: float) -> Tensor:
         """[N] bool: the tokens that may have harmful mass above `floor` (the others provably do not); the
-        threshold itself may round down to the working dtype in the exact comparison. The tokens it cannot rule
-        out go through `then`, when there is one."""
-        keep = self.bound(xs, b_dec) > floor * (1 - 2 * self.u_out)
-        if self.then is not None:
-            left = keep.nonzero().squeeze(1)
-            if left.numel():
-                keep[left] = self.then.may_pass(xs[left], b_dec, floor)
-        return keep
+        threshold itself may round down to the working dtype in the exact comparison. The tokens a stage cannot
+        rule out go on to the next one, which multiplies them only by the rows it adds."""
+        xc = self.centred(xs, b_dec)
+        keep = torch.zeros(xc.shape[0], dtype=torch.bool, device=xc.device)
+        alive, pre, stage = torch.arange(xc.shape[0], device=xc.device), None, self
+        while True:
+            pre = stage.extend(xc, pre)
+            ok = stage.mass_bound(xc, pre) > floor * (1 - 2 * stage.u_out)
+            if not bool(ok.all()):  # copy only when a token was ruled out
+                alive, xc, pre = alive[ok], xc[ok], pre[ok]
+            if stage.then is None or not alive.numel():
+                keep[alive] = True
+                return keep
+            stage = stage.then
 
 
 def screen(sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None) -> Screen:
@@ -120,9 +163,12 @@ def screen(sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None) -
            refine)
     got = _screens.get(sae)
     if got is None or got[0] != key:
-        first = Screen(sae, harmful, probes)
-        if refine > first.m and first.m < sae.latents - len(harmful):
-            first.then = Screen(sae, harmful, refine, gather=True)
+        first = last = Screen(sae, harmful, 0)  # the harmful rows alone: Σ relu(p_j) over H already bounds g
+        for m, gather in ((probes, False), (refine, True)):
+            room = sae.latents - len(harmful) - last.m
+            if room > 0 and (m is None or m > last.m):
+                last.then = Screen(sae, harmful, m, gather=gather, after=last)
+                last = last.then
         got = _screens[sae] = (key, first)
     return got[1]
 

@@ -209,12 +209,24 @@ class ModelLayout:
                                 f"{p.kind} block, so steering there has no effect; use an earlier block or the img stream")
 
 
+STREAM_WORDS = {"txt": "txt", "text": "txt", "img": "img", "image": "img"}  # `parse_list`'s one-stream shortcuts
+
+
 def parse_list(spec, available: list[Position], holder: str = "the dictionary") -> list[Position]:
-    """`all`, a comma list of names or a list of names/Positions; every one must be among `available` (the
+    """`all`, one stream (`txt` / `text`: every text-stream position, the pooled text vector included; `img` /
+    `image`), a comma list of names or a list of names/Positions; every one must be among `available` (the
     positions of `holder`, e.g. a dictionary or a store); duplicates and blank names dropped."""
     if isinstance(spec, str):
-        if spec.strip().lower() in ("", "all"):
+        word = spec.strip().lower()
+        if word in ("", "all"):
             return list(available)
+        if word in STREAM_WORDS:
+            chosen = [p for p in available if p.stream == STREAM_WORDS[word]]
+            if not chosen:
+                names = ", ".join(str(a) for a in available) or "none"
+                raise PositionError(f"positions {spec.strip()!r}: {holder} has no {STREAM_WORDS[word]} stream "
+                                    f"position (it has: {names})")
+            return chosen
         spec = spec.split(",")
     chosen = []
     for part in spec:

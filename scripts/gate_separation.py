@@ -1,6 +1,6 @@
 """How far apart a per-image gate puts safe and risky prompts, for several choices of detecting positions, on
 one finished seed of `safedig demo` (its dictionaries, its prompts): the development tool behind the gate
-choices in docs/METHOD_NOTES.md. Run it on development seeds only (`safedig_core.testbed.demo.DEVELOPMENT_SEEDS`).
+choices in docs/METHOD_NOTES.md. Run it on development seeds only (`safedig_core.testbed.seeds.DEVELOPMENT_SEEDS`).
 
     python scripts/gate_separation.py --demo out/demo --seed 0 [--quick]
 

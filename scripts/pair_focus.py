@@ -1,6 +1,6 @@
 """SafeDIG's `focus` (steer only a flagged image's tokens near its largest harmful mass) on one finished seed of
 `safedig demo`: the development tool behind the two-object measurements in docs/METHOD_NOTES.md (issue 13,
-item 5). Run it on development seeds only (`safedig_core.testbed.demo.DEVELOPMENT_SEEDS`).
+item 5). Run it on development seeds only (`safedig_core.testbed.seeds.DEVELOPMENT_SEEDS`).
 
     python scripts/pair_focus.py --demo out/dev --seed 0 [--focus 0,0.25,0.35,0.5] [--pairs 8]
 

@@ -1,7 +1,7 @@
 """Where a dictionary's harmful mass sits on two-object prompts, unsteered: per image position, the mass in the
 left and the right half of the image at a few calls of the sampler (gate units, cond rows). The development
 tool behind docs/METHOD_NOTES.md's reading of why steering loses the safe object (issue 13, item 5); run it
-on development seeds only (`safedig_core.testbed.demo.DEVELOPMENT_SEEDS`).
+on development seeds only (`safedig_core.testbed.seeds.DEVELOPMENT_SEEDS`).
 
     python scripts/pair_mass.py --demo out/dev --seed 2 [--pairs 4]
 

@@ -61,3 +61,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """A test that runs a CLI command in this process sets the demo's kernel variables (ATEN_CPU_CAPABILITY,
+    MKL_CBWR, ONEDNN_MAX_CPU_ISA: safedig_core/testbed/kernels.py) in os.environ; a later test's subprocess would
+    inherit them and compute with other kernels than this process (on an AVX-512 machine, other bits: the
+    SIGKILL resume test failed that way). Each test leaves the environment as it found it."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)

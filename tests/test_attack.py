@@ -147,6 +147,37 @@ def test_differentiable_sampler_is_ksampler_and_has_gradients(testbed):
         assert delta.grad is not None and delta.grad.abs().sum() > 0
 
 
+def test_differentiable_sampler_steers_the_pooled_vector_as_ksampler_does(testbed):
+    """The pooled text vector is steered by a wrapper of the DiT's forward, not a block patch: the loop runs it too
+    (a made-up SAE at `input.pooled` with safe exemplars, the committed dictionary's text position detecting)."""
+    from safedig_core.adapters.comfy import runtime as comfyui
+    from safedig_core.adapters.comfy.patches import SharedSteerers
+    from safedig_core.positions import parse
+    from safedig_core.sae import SparseAutoencoder
+    from safedig_core.steering import PositionSteerer, SteeringConfig
+    from safedig_core.testbed.attack import sampler
+    from safedig_core.testbed.model import generate
+    from safedig_core.testbed.variants import dictionary_store, with_detector
+
+    base, enc, steered = testbed
+    shared, pos = dictionary_store("safedig_core/testbed/assets/sae/testbed_dictionary.safetensors")
+    pooled_at = parse("input.pooled")
+    width = comfyui.layout_of(base).width_of(pooled_at)
+    g = torch.Generator().manual_seed(0)
+    steerers = dict(shared.steerers)
+    steerers[pooled_at] = PositionSteerer(SparseAutoencoder.init_random(width, 64, 4, generator=g), torch.arange(8),
+                                          targets=torch.randn(5, width, generator=g))
+    cfg = with_detector(SteeringConfig(blend=1.0, repel=1.0, threshold=0.5, gate="image"), pos)
+    model = comfyui.steer_model(base, SharedSteerers(steerers), [pooled_at] + pos, cfg)
+    prompts, seeds = ["a pool of blood", "a blue ball"], [1000001, 1000002]
+    ctx, pooled = enc.encoder.encode(prompts)
+    nctx, npooled = enc.encoder.encode([""])
+    want = generate(model, enc, prompts, seeds, steps=3, cfg=3.0)
+    assert (want - generate(steered, enc, prompts, seeds, steps=3, cfg=3.0)).abs().max() > 0.05  # it did act
+    got = sampler.images(model, ctx, pooled, nctx, npooled, seeds, 3, 3.0)
+    assert (got - want).abs().max() < 1e-3
+
+
 def test_soft_needed_stays_within_its_ladder(testbed):
     from safedig_core.testbed.attack.targets import Target
 

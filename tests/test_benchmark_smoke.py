@@ -1,5 +1,6 @@
 """The benchmarks still run: their --quick modes, as subprocesses (steering_overhead.py prints a ratio line for
-each configuration and finds the decode sparse; sae_training.py and train_step.py print their ratios)."""
+each configuration and finds the decode sparse; sae_training.py and train_step.py print their ratios;
+collection_overhead.py its extra time, on the testbed DiT and on a wider model)."""
 from __future__ import annotations
 
 import json
@@ -77,3 +78,16 @@ def test_train_step_benchmark_quick(tmp_path):
     assert re.search(r"^sparse / dense +\d+\.\d\d$", stdout, re.MULTILINE), stdout
     result = json.loads(out.read_text())
     assert result["dense_s"] > 0 and result["sparse_s"] > 0 and result["dead_frac"] > 0, result
+
+
+@pytest.mark.parametrize("model", [[], ["--width", "128", "--image-size", "8"]], ids=["testbed", "wide"])
+def test_collection_overhead_quick(tmp_path, model):
+    """benchmarks/collection_overhead.py collects and samples the same prompts, on the testbed DiT or a wider
+    random-weight FLUX, and prints the extra time."""
+    _need_comfyui()
+    out = tmp_path / "overhead.json"
+    stdout = _bench("collection_overhead.py", "--threads", "1", "--json", str(out), *model, timeout=300)
+    line = r"^plain sampling \d+\.\d\d s   collecting \d+\.\d\d s   extra [+-]\d+\.\d%"
+    assert re.search(line, stdout, re.MULTILINE), stdout
+    result = json.loads(out.read_text())
+    assert all(t > 0 for ts in result["seconds"].values() for t in ts) and len(result["seconds"]["plain"]) == 2

@@ -264,7 +264,10 @@ def test_more_ranks_than_positions_build_the_single_process_dictionary(single, t
     The trained dictionary is the single-process one within ATOL. Adaptation then amplifies float rounding:
     on this store, one process adapting the same source dictionary with its decoder moved by 1e-7 (noise)
     ends 7.6e-4 away (Adam with eps 6.25e-10 takes full steps on rows whose gradient is rounding noise), so
-    the adapted decoder is compared at ADAPTED_ATOL; the frozen encoder stays within ATOL."""
+    the adapted decoder is compared at ADAPTED_ATOL; the frozen encoder stays within ATOL. Re-scoring is the
+    plain union here: the default, guarded, admits each target latent by comparing two AUROCs, a discrete choice
+    that decoders 7.6e-4 apart can tip (seen: one latent more and one other at the team's position), so with it a
+    team's harmful set may differ from one process's by a latent or two (docs/SCALING.md)."""
     from safedig_core.formats.dictionary import load
 
     store = tmp_path / "store"
@@ -274,7 +277,8 @@ def test_more_ranks_than_positions_build_the_single_process_dictionary(single, t
     out, source = {}, {}
     for nproc in (1, 3):
         path, work = tmp_path / f"d{nproc}.safetensors", tmp_path / f"w{nproc}"
-        _run(tmp_path, ["build", str(store), "--out", str(path), "--work", str(work), *BUILD], nproc)
+        _run(tmp_path, ["build", str(store), "--out", str(path), "--work", str(work), *BUILD, "--rescore", "union"],
+             nproc)
         out[nproc], source[nproc] = load(str(path)), load(str(work / "source_dictionary.safetensors"))
     one, three = out[1], out[3]
     assert one.positions == three.positions and len(one.positions) == 2

@@ -96,21 +96,33 @@ def test_screen_skips_safe_tokens_and_keeps_planted_ones():
     assert torch.equal(steerer.steer(x, cfg.with_(fast_gate=True)), steerer.steer(x, cfg))
 
 
-def test_the_second_screen_only_narrows_the_first_and_gathers_the_same_rows():
-    """The cascade's second screen (more probes, its rows gathered from the encoder at each call) bounds exactly as
-    a screen keeping a copy of those rows, and lets through a subset of what the first screen alone would."""
+def test_each_stage_only_narrows_the_one_before_and_reuses_its_products():
+    """The cascade: the harmful rows alone, the probes, then more probes gathered from the encoder at each call.
+    Each stage's rows begin with the previous stage's, its pre-activations (the previous ones extended by the rows
+    it adds) are the product with all its rows, its bound is an upper bound, and the cascade lets through fewer
+    tokens than its first stages alone, never one with mass above the floor."""
     sae, H, x = setup(3, 48, 1200, 16, 8, bias=-1.0, planted=0.2, strength=8.0, tokens=256)
     steerer = PositionSteerer(sae, H).to("cpu", torch.float32)
     work = steerer._derived(torch.device("cpu"), torch.float32)[0]
     xs = work.prepare(x.reshape(-1, 48))
-    cascade = fast_gate.screen(work, steerer.harmful)
-    assert cascade.then is not None and cascade.then.m == fast_gate.default_refine(work) > cascade.m
-    kept = fast_gate.Screen(work, steerer.harmful, cascade.then.m)
-    assert torch.equal(cascade.then.bound(xs, work.b_dec), kept.bound(xs, work.b_dec))
-    first_only = fast_gate.Screen(work, steerer.harmful, cascade.m).may_pass(xs, work.b_dec, 1.0)
-    both = cascade.may_pass(xs, work.b_dec, 1.0)
-    assert not (both & ~first_only).any() and both.sum() < first_only.sum()
-    assert both[exact_mass(steerer, x) > 1.0].all()
+    stages = fast_gate.screen(work, steerer.harmful).stages()
+    assert [s.m for s in stages] == [0, fast_gate.default_probes(work), fast_gate.default_refine(work)]
+    assert stages[-1].W is None and stages[1].W is not None  # the last stage gathers its rows, the others keep them
+    mass = exact_mass(steerer, x)
+    for i, stage in enumerate(stages):
+        assert torch.equal(stage.rows[:len(H)], steerer.harmful) and len(set(stage.rows.tolist())) == len(stage.rows)
+        if i:
+            assert torch.equal(stage.rows[:len(stages[i - 1].rows)], stages[i - 1].rows)
+        xc = stage.centred(xs, work.b_dec)
+        direct = torch.addmm(work.b_enc[stage.rows], xc, work.W_enc[stage.rows].t())
+        torch.testing.assert_close(stage.extend(xc), direct, rtol=0, atol=1e-5)
+        assert (stage.bound(xs, work.b_dec).double() >= mass).all()
+    cascade = fast_gate.screen(work, steerer.harmful).may_pass(xs, work.b_dec, 1.0)
+    harmful_only = fast_gate.Screen(work, steerer.harmful, 0).may_pass(xs, work.b_dec, 1.0)
+    first_two = fast_gate.Screen(work, steerer.harmful, stages[1].m).may_pass(xs, work.b_dec, 1.0)
+    assert cascade[mass > 1.0].all()
+    assert not (cascade & ~first_two).any() and not (first_two & ~harmful_only).any()
+    assert cascade.sum() < first_two.sum() < harmful_only.sum()
 
 
 def test_screen_follows_in_place_changes():

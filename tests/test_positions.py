@@ -159,6 +159,21 @@ def test_parse_list_comma_lists():
     assert parse_list("double.03.txt", AVAILABLE) == [parse("double.3.txt")]
 
 
+@settings(max_examples=50, deadline=None, database=None)
+@given(chosen=st.lists(st.sampled_from(AVAILABLE + [parse("input.pooled"), parse("input.txt")]), unique=True,
+                       min_size=1), word=st.sampled_from(["txt", "text", " TXT ", "img", "image"]))
+def test_parse_list_one_stream(chosen, word):
+    """`txt` / `img`: the holder's positions of that stream, in its order (the pooled text vector is text);
+    a holder with none of them is refused with what it has."""
+    stream = "txt" if word.strip().lower() in ("txt", "text") else "img"
+    want = [p for p in chosen if p.stream == stream]
+    if want:
+        assert parse_list(word, chosen) == want
+    else:
+        with pytest.raises(PositionError, match=rf"has no {stream} stream position \(it has: "):
+            parse_list(word, chosen)
+
+
 def test_parse_list_unknown_position():
     with pytest.raises(PositionError) as e:
         parse_list("double.0.img,double.5.img", AVAILABLE)

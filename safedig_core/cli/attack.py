@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..testbed import kernels
+from ..testbed.seeds import DEFAULT_SEED
 from . import args as A
 from .common import UserError
 
@@ -34,8 +35,9 @@ def add_cli(sub) -> None:
     kernels.add_flag(p)
     p.add_argument("--seeds", type=A.integer(0, 2 ** 31 - 1), nargs="+", default=None,
                    help="which of the demo's seeds to attack (default: all)")
-    p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=5,
-                   help="first seed of the quick demo run when --demo has none (default 5, as safedig demo's)")
+    p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=DEFAULT_SEED,
+                   help=f"first seed of the quick demo run when --demo has none (default {DEFAULT_SEED}, as safedig "
+                        "demo's)")
     p.add_argument("--budget", type=A.integer(1, 100000), default=None,
                    help="images the discrete attack may ask for per start (default 48, 24 with --quick)")
     p.add_argument("--threads", type=A.integer(1, 256), default=None, help="torch threads")

@@ -5,7 +5,7 @@ import os
 
 from ..formats import dictionary
 from ..pipeline import distributed
-from ..pipeline.adapt import AdaptConfig
+from ..pipeline.adapt import RESCORE_MODES, AdaptConfig
 from ..pipeline.build import BuildConfig, build
 from ..pipeline.train import TrainConfig
 from . import args as A
@@ -19,7 +19,8 @@ def run(args) -> None:
                       train=TrainConfig(expansion=args.expansion, k=args.k, steps=args.steps, batch_size=args.batch_size,
                                         seed=args.seed),
                       adapt=None if args.no_adapt else AdaptConfig(steps=args.adapt_steps, batch_size=args.batch_size,
-                                                                   seed=args.seed))
+                                                                   seed=args.seed),
+                      rescore=None if args.rescore == "none" else args.rescore)
     store = open_store(args.store)
     check_sae_size(store, cfg.positions, args.expansion, None, args.k)
     ranks = distributed.from_env(args.device)
@@ -47,6 +48,10 @@ def add_cli(sub) -> None:
     p.add_argument("--steps", type=A.STEPS, default=10_000, help="SAE training steps per position")
     p.add_argument("--adapt-steps", type=A.integer(0, 10 ** 8), default=1000, help="decoder adaptation steps per position")
     p.add_argument("--no-adapt", action="store_true", help="keep the source decoders (no target adaptation)")
+    p.add_argument("--rescore", choices=RESCORE_MODES + ("none",), default=BuildConfig.rescore,
+                   help=f"how adaptation re-scores the harmful latents on the target set (default "
+                        f"{BuildConfig.rescore}: the union of the source and target selections that keeps the "
+                        "per-image gate's separation on the building prompts; none: keep the source scores)")
     p.add_argument("--batch-size", type=A.BATCH, default=4096)
     p.add_argument("--seed", type=A.SEED, default=0)
     p.add_argument("--device", type=A.device, default=None, help="cpu, cuda, cuda:N or mps (default cpu)")

@@ -2,7 +2,10 @@
 random-weight FLUX in the real ComfyUI)."""
 from __future__ import annotations
 
+import argparse
+
 from ..testbed import kernels
+from ..testbed.seeds import DEFAULT_SEED
 from . import args as A
 
 
@@ -25,9 +28,10 @@ def add_cli(sub) -> None:
                                      "steer, evaluate over several seeds; prints the table and writes report.json, curves.png, grid.png, "
                                      "routing.png, features.png, feature_map.png")
     p.add_argument("--out", default="out/demo", type=A.output_dir, help="output folder (default out/demo)")
-    p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=5,
-                   help="the first seed; every random choice of a seed follows it (default 5: seeds 0-4 are the "
-                        "development seeds, so the default measures held-out ones)")
+    p.add_argument("--seed", type=A.integer(0, 2 ** 31 - 1), default=DEFAULT_SEED,
+                   help=f"the first seed; every random choice of a seed follows it (default {DEFAULT_SEED}: seeds 0-4 "
+                        f"are the development seeds, 5-{DEFAULT_SEED - 1} judged earlier defaults, so the default "
+                        "measures seeds the current method was not developed on)")
     p.add_argument("--seeds", type=A.integer(1, 100), default=None,
                    help="how many seeds (seed, seed+1, ...); default 3, 1 with --quick")
     p.add_argument("--threads", type=A.integer(1, 256), default=None,
@@ -37,13 +41,15 @@ def add_cli(sub) -> None:
     p.add_argument("--pair-scenes", action="store_true",
                    help="also build the dictionary from two-object scenes and steer with focus 0.5 (measured, not "
                         "the default: docs/METHOD_NOTES.md)")
-    p.add_argument("--pooled", action="store_true",
+    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
                    help="also steer the pooled text vector (input.pooled): a flagged prompt's becomes the nearest "
-                        "safe building prompt's, and SafeDIG steers at the text positions and there only "
-                        "(measured, not the default: docs/METHOD_NOTES.md)")
-    p.add_argument("--rescore", choices=("union", "guarded", "rescore"), default=None,
-                   help="how adaptation re-scores the harmful latents (BuildConfig.rescore; default union; guarded: "
-                        "measured on development seeds, not the default: docs/METHOD_NOTES.md)")
+                        "safe building prompt's, and SafeDIG steers at the text positions and there only (default; "
+                        "--no-pooled: every routed position steers, the default before held-out seeds 11-13: "
+                        "docs/METHOD_NOTES.md)")
+    p.add_argument("--rescore", choices=("guarded", "union", "rescore"), default=None,
+                   help="how adaptation re-scores the harmful latents (BuildConfig.rescore, default guarded: the "
+                        "union of the source and target selections that keeps the gate's separation on the "
+                        "building prompts; union: the default before held-out seeds 11-13: docs/METHOD_NOTES.md)")
     p.set_defaults(run=run_demo)
     p = sub.add_parser("tiny-demo", help="steer a tiny random-weight FLUX in the real ComfyUI and print what changed")
     p.add_argument("--out", default="out/tiny-demo", type=A.output_dir, help="folder for the dictionary it writes")

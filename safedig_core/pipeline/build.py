@@ -42,7 +42,9 @@ class BuildConfig:
     positions: list[str] | None = None  # skip routing and use these
     train: train.TrainConfig = field(default_factory=train.TrainConfig)
     adapt: adapt_mod.AdaptConfig | None = field(default_factory=adapt_mod.AdaptConfig)  # None: no adaptation
-    rescore: str | None = "union"  # re-score harmful latents on the target set: rescore | union | guarded | reselect | None
+    # re-score harmful latents on the target set: guarded | union | rescore | reselect | None (`adapt.rescore_harmful`;
+    # guarded, the union that keeps the per-image gate's separation, since held-out seeds 11-13: docs/METHOD_NOTES.md)
+    rescore: str | None = "guarded"
     routing: routing.RoutingConfig = field(default_factory=routing.RoutingConfig)
     # gate units: this quantile of harmful mass on safe source tokens, and of its max over each safe source
     # image's tokens (per prompt and step) for the per-image gate (None: 1 and no per-image unit)

@@ -44,6 +44,7 @@ from . import pairs as pairs_mod
 from . import report as report_mod
 from . import variants as variants_mod
 from .model import generate, load_testbed
+from .seeds import DEFAULT_SEED, DEVELOPMENT_SEEDS
 
 SIZES = {  # "full" is the default run: three seeds in about ten minutes on two cores
     "full": {"sets": {"build_safe": 40, "build_source_per_category": 20, "build_target_per_category": 6,
@@ -61,8 +62,9 @@ SIZES = {  # "full" is the default run: three seeds in about ten minutes on two 
               "grid": (1.5, 1.25, 1.0, 0.75), "dense_grid": (0.5, 1.0), "strength_grid": (),
               "pairs_per_category": 3},
 }
-# `--pooled`: the pooled text vector is collected too; SafeDIG steers at the text positions and there, where the
-# pooled vector of a flagged prompt becomes the nearest safe building prompt's (docs/METHOD_NOTES.md)
+# the default (`--no-pooled` turns it off): the pooled text vector is collected too; SafeDIG steers at the text
+# positions and there, where the pooled vector of a flagged prompt becomes the nearest safe building prompt's
+# (docs/METHOD_NOTES.md)
 POOLED = {"pooled": True, "act": "txt"}
 # `--pair-scenes` (measured, not the default: docs/METHOD_NOTES.md): the dictionary is also built from two-object
 # building scenes (`world.building_pairs`) and SafeDIG steers with `focus`
@@ -74,7 +76,6 @@ STEER = SteeringConfig(blend=1.0, repel=1.0, threshold=1.0, gate="image")  # Saf
 MAX_FIDELITY_DROP = report_mod.MAX_FIDELITY_DROP
 BUILD_MARGIN = 0.0  # ungated (dense) steering: the building prompts' fidelity may not drop at all
 PEAK_MARGIN = sweep.PEAK_MARGIN  # gated steering: τ 10 % above the largest safe building peak (`sweep.peak_rule`)
-DEVELOPMENT_SEEDS = (0, 1, 2, 3, 4)  # the seeds the method and the rule were developed on; the goal is judged on others
 
 
 def _records(rows: list[dict]) -> list[PromptRecord]:
@@ -348,12 +349,13 @@ def _images_at(model, encode_fn, variant, cfg, pset, gen) -> torch.Tensor:
     return images
 
 
-def run(out_dir: str = "out/demo", seed: int = 5, quick: bool = False, seeds: int | None = None,
-        threads: int | None = None, log=print, pair_scenes: bool = False, pooled: bool = False,
+def run(out_dir: str = "out/demo", seed: int = DEFAULT_SEED, quick: bool = False, seeds: int | None = None,
+        threads: int | None = None, log=print, pair_scenes: bool = False, pooled: bool = True,
         rescore: str | None = None) -> dict:
     """Seeds `seed`, `seed + 1`, … (`seeds` of them; default 3, 1 with `quick`); writes report.json and the
     pictures to `out_dir`, returns the report. `pair_scenes`: build from two-object scenes too and steer with
-    focus (`PAIR_SCENES`); `pooled`: steer the pooled text vector too (`POOLED`); `rescore`: `BuildConfig.rescore`
+    focus (`PAIR_SCENES`); `pooled`: steer the pooled text vector too and act at the text positions only (`POOLED`;
+    False: every routed position acts, the default before held-out seeds 11-13); `rescore`: `BuildConfig.rescore`
     instead of its default."""
     t0 = time.time()
     size = SIZES["quick" if quick else "full"]

@@ -199,7 +199,7 @@ _ROW_NAMES = {"unsteered": "unsteered", "steered": "**SafeDIG** (routed, adapted
               "token_gate": "per-token gate (the gate before issue 13)", "fixed_layer": "fixed layer (best separability)",
               "no_adaptation": "no adaptation (source decoders)", "full_retrain": "full SAE retrain on the target set",
               "blend_only": "Blend only", "repel_only": "Repel only",
-              "dense_diff_means": "dense difference of means (same positions)", "word_filter": "prompt word filter"}
+              "dense_diff_means": "dense difference of means (every routed position)", "word_filter": "prompt word filter"}
 
 
 def markdown(rep: dict) -> str:

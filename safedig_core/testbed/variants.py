@@ -17,7 +17,7 @@ from ..formats.store import ActivationStore
 from ..pipeline.build import SOURCE_DICTIONARY, BuildConfig, build, calibrate
 from ..pipeline.harmful import find_harmful
 from ..pipeline.train import TrainConfig, train_sae
-from ..positions import INPUT_KINDS, parse
+from ..positions import INPUT_KINDS, parse, parse_list
 from ..steering import SteeringConfig
 from .sweep import Variant
 
@@ -71,6 +71,12 @@ def with_detector(cfg: SteeringConfig, positions: list) -> SteeringConfig:
     return cfg.with_(detect="each")
 
 
+def acting_positions(names: list[str], act: str = "all") -> list[str]:
+    """The positions SafeDIG steers at: every one (`act` "all") or those of one stream ("txt": the text positions
+    and the pooled text vector), as Apply Steering's `positions` input reads the same words."""
+    return [p.name for p in parse_list(act, [parse(n) for n in names])]
+
+
 def word_filter(build_rows: list[dict]) -> WordFilter:
     return WordFilter.from_prompts([r["prompt"] for r in build_rows if r["label"] == "unsafe" and r["domain"] == "source"],
                                    [r["prompt"] for r in build_rows if r["label"] == "safe"])
@@ -82,7 +88,7 @@ def make(store: ActivationStore, dict_path: str, summary: dict, work: str, tcfg,
     only those of one stream ("txt": the text positions and the pooled vector; the image positions then
     neither act nor detect)."""
     routed, best_fixed = summary["positions"], summary["routing"]["best_fixed"]
-    acting = [n for n in routed if act == "all" or parse(n).stream == act]
+    acting = acting_positions(routed, act)
     if best_fixed in routed:  # training and adaptation are per position and seeded alike: the same SAE
         fixed = dictionary_store(dict_path, [best_fixed])
     else:

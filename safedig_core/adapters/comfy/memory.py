@@ -9,8 +9,8 @@ of the steered model), attached to the steered clone with `ModelPatcher.set_addi
 with the model: ComfyUI then counts their bytes (`model_size`, `loaded_size`), frees room for them, loads
 them to the GPU and offloads them under pressure like any model, and steering computes with the copies
 wherever they lie (a step run while ComfyUI holds them elsewhere, which sampling does not do, would make an
-uncounted copy on the device). The fast gate's first screen rows (`fast_gate.Screen`, a few percent of the encoder; its
-second screen gathers rows only while it runs) and the harmful decoder rows stay outside the count.
+uncounted copy on the device). The rows the fast gate's first screens keep (`fast_gate.Screen`, a few percent of the encoder; its
+last screen gathers rows only while it runs) and the harmful decoder rows stay outside the count.
 """
 from __future__ import annotations
 

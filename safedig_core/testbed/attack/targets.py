@@ -18,7 +18,7 @@ from ...evaluation.baselines import DiffMeansSteerer
 from ...formats.store import ActivationStore
 from ...steering import SteeringConfig
 from ..model import generate
-from ..variants import dictionary_store, with_detector, word_filter
+from ..variants import acting_positions, dictionary_store, with_detector, word_filter
 
 NAMES = ("unsteered", "word_filter", "dense_diff_means", "safedig")
 DICTIONARY = "testbed_dictionary.safetensors"
@@ -83,17 +83,21 @@ def load_targets(demo_dir: str, seed: int, report: dict, base_model, encode_fn, 
     if "word_filter" in names:
         rows = [{"prompt": r.prompt, "label": r.label, "domain": r.domain} for r in store.prompts]
         out.append(Target("word_filter", base_model, encode_fn, steps, cfg, blocks=word_filter(rows).blocks))
-    shared, positions = dictionary_store(dict_path)
+    every, routed = dictionary_store(dict_path)
     if "dense_diff_means" in names:
         src = [i for i, r in enumerate(store.prompts) if r.domain == "source"]
         dense = {p: DiffMeansSteerer.from_batches(store.iter_batches(p, 4096, prompts=src),
-                                                  lambda i: store.prompts[i].label == "unsafe") for p in positions}
+                                                  lambda i: store.prompts[i].label == "unsafe")
+                 for p in routed}  # every routed position, as the demo's baseline
         strength = operating_value(report, "dense_diff_means", seed)
         dcfg = SteeringConfig(repel=strength, blend=0.0)
         out.append(Target("dense_diff_means", comfyui.steer_model(base_model, SharedSteerers(dense), list(dense), dcfg),
                           encode_fn, steps, cfg, info={"strength": strength, "config": dcfg, "store": SharedSteerers(dense),
                                                        "positions": list(dense)}))
     if "safedig" in names:
+        acting = acting_positions([p.name for p in routed], report["settings"]["steering"].get("act", "all"))
+        positions = [p for p in routed if p.name in acting]  # where the demo's SafeDIG acts
+        shared = SharedSteerers({p: every.steerers[p] for p in positions})
         scfg = with_detector(steering_config(report, seed), positions)
         out.append(Target("safedig", comfyui.steer_model(base_model, shared, positions, scfg), encode_fn, steps, cfg,
                           info={"threshold": scfg.threshold, "config": scfg, "store": shared, "positions": positions}))
