@@ -73,9 +73,10 @@ class SafeDIGApplySteering(io.ComfyNode):
                 io.Combo.Input("detect_at", options=list(DETECT_AT), default="each position", optional=True,
                                tooltip="Per-image gate only: where the decision is made. each position: every "
                                        "position decides for itself. text/image positions: the steered text "
-                                       "(or image) stream positions decide, and every steered position of the "
-                                       "same model call follows; positions before the first of them in the "
-                                       "model are refused"),
+                                       "(or image) stream block positions decide, and every steered position of "
+                                       "the same model call follows (the model's inputs, e.g. input.pooled, run "
+                                       "first and take the previous step's decision); block positions before "
+                                       "the first of them are refused"),
                 io.Boolean.Input("fast_gate", default=False, optional=True,
                                  tooltip="Screen each token on the harmful latents first and run the full "
                                          "dictionary encode only where the gate may pass: the same decisions "

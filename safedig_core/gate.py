@@ -60,7 +60,10 @@ def plan(cfg: SteeringConfig, acting: list[Position], available: list[Position])
     if not cfg.image_gate or spec == "each":
         return GatePlan(acting)
     if spec in STREAM_OF:
-        found = [p for p in acting if p.stream == STREAM_OF[spec]]
+        # the steered block positions of that stream; the DiT's inputs run before every block and decide for
+        # themselves unless no block position of the stream is steered
+        of_stream = [p for p in acting if p.stream == STREAM_OF[spec]]
+        found = [p for p in of_stream if p.kind not in INPUT_KINDS] or of_stream
         if not found:
             names = ", ".join(map(str, acting)) or "none"
             raise ValueError(f"detect={cfg.detect!r}: none of the steered positions ({names}) is a {spec} position; "

@@ -42,6 +42,10 @@ def test_inputs_before_the_detector_decide_for_themselves():
     cfg = SteeringConfig(blend=1.0, gate="image", detect=text.name, threshold=0.5)
     g = plan(cfg, [POOLED, text, img1], layout)
     assert g.detectors == (text,) and g.own == (POOLED,) and g.shared
+    by_stream = plan(cfg.with_(detect="text"), [POOLED, text, img1], layout)  # the node's "text positions"
+    assert by_stream.detectors == (text,) and by_stream.own == (POOLED,)
+    alone = plan(cfg.with_(detect="text"), [POOLED, img1], layout)  # no text block steered: the input decides
+    assert alone.detectors == (POOLED,) and alone.own == ()
     with pytest.raises(ValueError, match="double.0.img runs before every detecting position"):
         plan(cfg, [POOLED, img0, text], layout)
     steerer = _steerer()

@@ -28,7 +28,11 @@ def records(rows: list[dict]) -> list[PromptRecord]:
                          {"concept": r["concept"]}) for i, r in enumerate(rows)]
 
 
-def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) -> dict:
+def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None, pooled: bool = False,
+                     rescore: str | None = None) -> dict:
+    """`pooled`: collect the pooled text vector too and steer as the demo does (its text positions and the pooled
+    vector, `positions` "txt" in the steering defaults); measured, not what ships (docs/METHOD_NOTES.md).
+    `rescore`: `BuildConfig.rescore` instead of its default."""
     from ..adapters.comfy.runner import ComfyRunner
     from ..formats.store import ActivationStore
     from ..pipeline.adapt import AdaptConfig
@@ -45,34 +49,41 @@ def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None) ->
         work = work or tmp
         runner = ComfyRunner(model, lambda p: encode_fn([p]), cfg=SIZES["cfg"],
                              latent_shape=(3, world.SIZE, world.SIZE), name="safedig-testbed")
-        res = collect(runner, records(rows), block_positions(model), os.path.join(work, "store"), SIZES["steps"],
+        res = collect(runner, records(rows), block_positions(model, pooled), os.path.join(work, "store"), SIZES["steps"],
                       SIZES["record_steps"], SIZES["budget"], seed)
         tcfg = TrainConfig(expansion=8, k=8, steps=SIZES["train_steps"], batch_size=SIZES["batch"], seed=seed,
                            checkpoint_every=100)
         acfg = AdaptConfig(steps=SIZES["adapt_steps"], batch_size=SIZES["batch"], seed=seed)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        summary = build(ActivationStore(res.path), out, BuildConfig(top_k=3, train=tcfg, adapt=acfg),
+        rules = BuildConfig(top_k=3, train=tcfg, adapt=acfg)
+        if rescore is not None:
+            rules.rescore = rescore
+        summary = build(ActivationStore(res.path), out, rules,
                         os.path.join(work, "build"), progress=False, overwrite=True)
-    summary["steering_defaults"] = set_operating_point(out, model, encode_fn, rows)
+    summary["steering_defaults"] = set_operating_point(out, model, encode_fn, rows, "txt" if pooled else "all")
     return summary
 
 
-def set_operating_point(path: str, model, encode_fn, rows: list[dict]) -> dict:
+def set_operating_point(path: str, model, encode_fn, rows: list[dict], positions: str = "all") -> dict:
     """Store the demo's operating point in the dictionary's `steering_defaults`: the per-image gate decided at
     the steered text positions, τ by the demo's rule (`sweep.peak_rule`: 10 % above the largest peak over the
-    safe building prompts, sampled as they were collected). Returns the defaults written."""
+    safe building prompts, sampled as they were collected), steering at `positions` (Apply Steering's words:
+    "all", "txt"). Returns the defaults written."""
     from ..formats.dictionary import load, save
     from ..steering import SteeringConfig
     from . import sweep, variants
 
-    store, positions = variants.dictionary_store(path)
+    _, routed = variants.dictionary_store(path)
+    store, positions_ = variants.dictionary_store(path, variants.acting_positions([p.name for p in routed], positions))
     cfg = SteeringConfig(blend=1.0, repel=1.0, gate="image", detect="text")
-    v = sweep.Variant("shipped", store, positions, cfg)
+    v = sweep.Variant("shipped", store, positions_, cfg)
     safe = [r for r in rows if r["label"] == "safe"]
     pset = sweep.prepare(model, encode_fn, "build", safe, [v], {"steps": SIZES["steps"], "cfg": SIZES["cfg"]})
     d = load(path)
     d.steering_defaults = {"blend": cfg.blend, "repel": cfg.repel, "gate": cfg.gate, "detect": cfg.detect,
                            "threshold": sweep.peak_rule(pset, v.name)}
+    if positions != "all":
+        d.steering_defaults["positions"] = positions
     save(d, path)
     return d.steering_defaults
 
@@ -98,11 +109,17 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=PATH)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", metavar="FOLDER", help="only write the building prompts as FOLDER/testbed_prompts.jsonl")
+    ap.add_argument("--pooled", action="store_true",
+                    help="collect the pooled text vector too and steer as the demo does (not what ships)")
+    ap.add_argument("--rescore", choices=("guarded", "union", "rescore"), default=None,
+                    help="how adaptation re-scores the harmful latents (default: BuildConfig's)")
     args = ap.parse_args(argv)
     if args.prompts:
         print(f"wrote {write_prompts(args.prompts, args.seed)}")
         return
-    summary = build_dictionary(args.out, args.seed)
+    if args.pooled and os.path.abspath(args.out) == os.path.abspath(PATH):
+        raise SystemExit("--pooled: give --out; the shipped dictionary is built without it (docs/METHOD_NOTES.md)")
+    summary = build_dictionary(args.out, args.seed, pooled=args.pooled, rescore=args.rescore)
     print(f"wrote {args.out}: positions {summary['positions']}; operating point {summary['steering_defaults']}")
 
 
