@@ -359,23 +359,19 @@ def fast_parts(steerer: PositionSteerer, x: torch.Tensor, floor: float, repeats:
     share of the block."""
     sae, lookup = steerer._derived(x.device, x.dtype)[:2]
     xs = sae.prepare(x.reshape(-1, x.shape[-1]))
-    stages = fast_gate.screen(sae, steerer.harmful).stages()
     n = xs.shape[0]
-    alive, pre = torch.arange(n), None
     fns, tokens, rows_of = {}, {}, {}
-    for i, st in enumerate(stages):
+    for i, (st, alive, xi, pre) in enumerate(fast_gate.screen(sae, steerer.harmful).walk(xs, sae.b_dec, floor)):
+        if st is None:  # the tokens left for the exact code
+            fns["exact codes"] = lambda alive=alive: segments(lambda _: steerer.harmful_codes(sae, xs[alive], lookup))[0]
+            tokens["exact codes"], rows_of["exact codes"] = len(alive), sae.latents
+            break
         name = "harmful rows" if i == 0 else f"probes to {st.m}"
-        xi = st.centred(xs[alive], sae.b_dec)
         fns[name] = lambda st=st, xi=xi, pi=pre: segments(lambda _: st.mass_bound(xi, st.extend(xi, pi)))[0]
         tokens[name], rows_of[name] = len(alive), len(st.added)
         if st.W is None:
             fns[f"  its gather ({name})"] = lambda st=st: segments(lambda _: st.added_rows())[0]
             tokens[f"  its gather ({name})"], rows_of[f"  its gather ({name})"] = len(alive), len(st.added)
-        full = st.extend(xi, pre)
-        ok = st.mass_bound(xi, full) > floor * (1 - 2 * st.u_out)
-        alive, pre = alive[ok], full[ok]
-    fns["exact codes"] = lambda: segments(lambda _: steerer.harmful_codes(sae, xs[alive], lookup))[0]
-    tokens["exact codes"], rows_of["exact codes"] = len(alive), sae.latents
     med, _ = medians(fns, repeats)
     print("fast gate parts on the safe input (share of the block; the encoder rows each part multiplies by):")
     out = {}

@@ -140,18 +140,26 @@ class Screen:
         """[N] bool: the tokens that may have harmful mass above `floor` (the others provably do not); the
         threshold itself may round down to the working dtype in the exact comparison. The tokens a stage cannot
         rule out go on to the next one, which multiplies them only by the rows it adds."""
+        keep = torch.zeros(xs.shape[0], dtype=torch.bool, device=xs.device)
+        for stage, alive, _, _ in self.walk(xs, b_dec, floor):
+            if stage is None:
+                keep[alive] = True
+        return keep
+
+    def walk(self, xs: Tensor, b_dec: Tensor, floor: float):
+        """The cascade step by step: yields (stage, alive, xc, pre) before each stage — the indices of the tokens
+        that reach it, their centred inputs and their pre-activations over the previous stage's rows (None at the
+        first) — and last (None, the tokens left for the full encode, None, None)."""
         xc = self.centred(xs, b_dec)
-        keep = torch.zeros(xc.shape[0], dtype=torch.bool, device=xc.device)
         alive, pre, stage = torch.arange(xc.shape[0], device=xc.device), None, self
-        while True:
+        while stage is not None and alive.numel():
+            yield stage, alive, xc, pre
             pre = stage.extend(xc, pre)
             ok = stage.mass_bound(xc, pre) > floor * (1 - 2 * stage.u_out)
             if not bool(ok.all()):  # copy only when a token was ruled out
                 alive, xc, pre = alive[ok], xc[ok], pre[ok]
-            if stage.then is None or not alive.numel():
-                keep[alive] = True
-                return keep
             stage = stage.then
+        yield None, alive, None, None
 
 
 def screen(sae: SparseAutoencoder, harmful: Tensor, probes: int | None = None) -> Screen:

@@ -37,9 +37,7 @@ def main(argv=None) -> None:
     d = load(args.dictionary)
     defaults = d.steering_defaults
     model, encode = load_testbed()
-    _, routed = variants.dictionary_store(args.dictionary)
-    acting = variants.acting_positions([p.name for p in routed], defaults.get("positions", "all"))
-    store, positions = variants.dictionary_store(args.dictionary, acting)
+    store, positions = variants.dictionary_store(args.dictionary, defaults.get("positions", "all"))
     v = sweep.Variant("dictionary", store, positions, d.default_config())
     rows = world.prompt_sets(args.seed, eval_safe=16, eval_per_category=4, eval_target_per_category=4)["eval"]
     gen = {"steps": args.steps, "cfg": 3.0}

@@ -55,11 +55,9 @@ def build_dictionary(out: str = PATH, seed: int = 0, work: str | None = None, po
                            checkpoint_every=100)
         acfg = AdaptConfig(steps=SIZES["adapt_steps"], batch_size=SIZES["batch"], seed=seed)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        rules = BuildConfig(top_k=3, train=tcfg, adapt=acfg)
-        if rescore is not None:
-            rules.rescore = rescore
-        summary = build(ActivationStore(res.path), out, rules,
-                        os.path.join(work, "build"), progress=False, overwrite=True)
+        rules = BuildConfig(top_k=3, train=tcfg, adapt=acfg, **({} if rescore is None else {"rescore": rescore}))
+        summary = build(ActivationStore(res.path), out, rules, os.path.join(work, "build"), progress=False,
+                        overwrite=True)
     summary["steering_defaults"] = set_operating_point(out, model, encode_fn, rows, "txt" if pooled else "all")
     return summary
 
@@ -73,10 +71,9 @@ def set_operating_point(path: str, model, encode_fn, rows: list[dict], positions
     from ..steering import SteeringConfig
     from . import sweep, variants
 
-    _, routed = variants.dictionary_store(path)
-    store, positions_ = variants.dictionary_store(path, variants.acting_positions([p.name for p in routed], positions))
+    store, steered = variants.dictionary_store(path, positions)
     cfg = SteeringConfig(blend=1.0, repel=1.0, gate="image", detect="text")
-    v = sweep.Variant("shipped", store, positions_, cfg)
+    v = sweep.Variant("shipped", store, steered, cfg)
     safe = [r for r in rows if r["label"] == "safe"]
     pset = sweep.prepare(model, encode_fn, "build", safe, [v], {"steps": SIZES["steps"], "cfg": SIZES["cfg"]})
     d = load(path)
@@ -105,13 +102,15 @@ def write_prompts(folder: str, seed: int = 0) -> str:
 
 
 def main(argv=None) -> None:
+    from ..pipeline.adapt import RESCORE_MODES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=PATH)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", metavar="FOLDER", help="only write the building prompts as FOLDER/testbed_prompts.jsonl")
     ap.add_argument("--pooled", action="store_true",
                     help="collect the pooled text vector too and steer as the demo does (not what ships)")
-    ap.add_argument("--rescore", choices=("guarded", "union", "rescore"), default=None,
+    ap.add_argument("--rescore", choices=RESCORE_MODES, default=None,
                     help="how adaptation re-scores the harmful latents (default: BuildConfig's)")
     args = ap.parse_args(argv)
     if args.prompts:

@@ -26,8 +26,13 @@ ABLATIONS = ("token_gate", "fixed_layer", "no_adaptation", "full_retrain", "blen
 
 
 def dictionary_store(path: str, positions=None) -> tuple[SharedSteerers, list]:
+    """The steerers of a dictionary file at `positions`: None (all), names, or Apply Steering's words
+    ("all", "txt", "img", a comma list: `positions.parse_list`)."""
     d = load(path)
-    chosen = [p for p in d.positions if positions is None or p.name in positions]
+    if isinstance(positions, str):
+        chosen = parse_list(positions, d.positions, path)
+    else:
+        chosen = [p for p in d.positions if positions is None or p.name in positions]
     return SharedSteerers({p: d.entries[p].steerer() for p in chosen}), chosen
 
 
@@ -71,12 +76,6 @@ def with_detector(cfg: SteeringConfig, positions: list) -> SteeringConfig:
     return cfg.with_(detect="each")
 
 
-def acting_positions(names: list[str], act: str = "all") -> list[str]:
-    """The positions SafeDIG steers at: every one (`act` "all") or those of one stream ("txt": the text positions
-    and the pooled text vector), as Apply Steering's `positions` input reads the same words."""
-    return [p.name for p in parse_list(act, [parse(n) for n in names])]
-
-
 def word_filter(build_rows: list[dict]) -> WordFilter:
     return WordFilter.from_prompts([r["prompt"] for r in build_rows if r["label"] == "unsafe" and r["domain"] == "source"],
                                    [r["prompt"] for r in build_rows if r["label"] == "safe"])
@@ -88,7 +87,7 @@ def make(store: ActivationStore, dict_path: str, summary: dict, work: str, tcfg,
     only those of one stream ("txt": the text positions and the pooled vector; the image positions then
     neither act nor detect)."""
     routed, best_fixed = summary["positions"], summary["routing"]["best_fixed"]
-    acting = acting_positions(routed, act)
+    acting = [p.name for p in parse_list(act, [parse(n) for n in routed])]  # Apply Steering's words: all, txt
     if best_fixed in routed:  # training and adaptation are per position and seeded alike: the same SAE
         fixed = dictionary_store(dict_path, [best_fixed])
     else:

@@ -33,12 +33,12 @@ def steering_wrappers(model) -> dict:
     return {kind: kept} if kept else {}
 
 
-def model_call(model, x, sigma, ctx, pooled, sample_sigmas):
-    """x0 of one model call on the batch [cond; uncond] (ComfyUI's cond_or_uncond [0, 1])."""
+def model_call(model, x, sigma, ctx, pooled, sample_sigmas, wrappers: dict):
+    """x0 of one model call on the batch [cond; uncond] (ComfyUI's cond_or_uncond [0, 1]); `wrappers`: the
+    model's `steering_wrappers`."""
     net = model.model.diffusion_model
     patches = model.model_options.get("transformer_options", {}).get("patches_replace")
     to = {"sigmas": sigma, "sample_sigmas": sample_sigmas, "cond_or_uncond": [0, 1], **pytorch_attention_options()}
-    wrappers = steering_wrappers(model)
     if wrappers:
         to["wrappers"] = wrappers  # the DiT's forward runs them, as under KSampler
     if patches:
@@ -57,9 +57,10 @@ def images(model, ctx, pooled, neg_ctx, neg_pooled, seeds, steps: int, cfg: floa
     x = noise_for(seeds).float() * sig[0]
     ctx2 = torch.cat([ctx, neg_ctx.expand(b, -1, -1)])
     pool2 = torch.cat([pooled, neg_pooled.expand(b, -1)])
+    wrappers = steering_wrappers(model)
     for i in range(steps):
         s, s_next = sig[i], sig[i + 1]
-        x0 = model_call(model, torch.cat([x, x]), torch.full((2 * b,), float(s)), ctx2, pool2, sig)
+        x0 = model_call(model, torch.cat([x, x]), torch.full((2 * b,), float(s)), ctx2, pool2, sig, wrappers)
         den = x0[b:] + (x0[:b] - x0[b:]) * cfg
         x = x + (x - den) / s * (s_next - s)
     return to_image(x)

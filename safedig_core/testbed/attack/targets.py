@@ -16,9 +16,10 @@ from ...adapters.comfy import runtime as comfyui
 from ...adapters.comfy.patches import SharedSteerers
 from ...evaluation.baselines import DiffMeansSteerer
 from ...formats.store import ActivationStore
+from ...positions import parse_list
 from ...steering import SteeringConfig
 from ..model import generate
-from ..variants import acting_positions, dictionary_store, with_detector, word_filter
+from ..variants import dictionary_store, with_detector, word_filter
 
 NAMES = ("unsteered", "word_filter", "dense_diff_means", "safedig")
 DICTIONARY = "testbed_dictionary.safetensors"
@@ -95,8 +96,7 @@ def load_targets(demo_dir: str, seed: int, report: dict, base_model, encode_fn, 
                           encode_fn, steps, cfg, info={"strength": strength, "config": dcfg, "store": SharedSteerers(dense),
                                                        "positions": list(dense)}))
     if "safedig" in names:
-        acting = acting_positions([p.name for p in routed], report["settings"]["steering"].get("act", "all"))
-        positions = [p for p in routed if p.name in acting]  # where the demo's SafeDIG acts
+        positions = parse_list(report["settings"]["steering"].get("act", "all"), routed)  # where the demo's acts
         shared = SharedSteerers({p: every.steerers[p] for p in positions})
         scfg = with_detector(steering_config(report, seed), positions)
         out.append(Target("safedig", comfyui.steer_model(base_model, shared, positions, scfg), encode_fn, steps, cfg,
